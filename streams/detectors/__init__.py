@@ -1,0 +1,1 @@
+"""Pure detector cores, one module each (SPEC §4)."""

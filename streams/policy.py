@@ -1,0 +1,224 @@
+"""The policy: detector parameters, per-tenant overrides, modes, and finding → incident/command.
+
+A policy file is TOML::
+
+    [detectors.no_progress_loop]
+    mode = "enforce"            # enforce | shadow | off
+    repeat_threshold = 3
+
+    [tenants.acme.detectors.no_progress_loop]
+    mode = "shadow"
+
+Unknown keys are errors that name the key (a typo must not silently keep a default).
+
+>>> p = Policy.from_toml('[detectors.no_progress_loop]\\nrepeat_threshold = 4\\n'
+...                      '[tenants.acme.detectors.no_progress_loop]\\nmode = "shadow"\\n')
+>>> p.loop_params("acme").repeat_threshold, p.mode("no_progress_loop", "acme")
+(4, 'shadow')
+>>> p.mode("no_progress_loop", "other")
+'enforce'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streams.detectors.base import Finding
+from streams.detectors.loop import LoopParams
+from streams.models import BreakerCommand, CommandScope, Incident, IncidentScope
+
+Mode = Literal["enforce", "shadow", "off"]
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoopPolicy(_Strict):
+    mode: Mode = "enforce"
+    repeat_threshold: int = Field(3, ge=2)
+    window_s: float = Field(600.0, gt=0)
+    cycle_min: int = Field(2, ge=2)
+    cycle_max: int = Field(4, ge=2)
+    cycle_repeats: int = Field(3, ge=2)
+    stagnation_chats: int = Field(5, ge=2)
+    breaker_ttl_s: float = Field(900.0, gt=0)
+    session_ttl_s: float = Field(1800.0, gt=0)
+    max_fingerprints: int = Field(256, ge=8)
+
+    def params(self) -> LoopParams:
+        return LoopParams(**self.model_dump(exclude={"mode", "breaker_ttl_s"}))
+
+
+class DetectorPolicies(_Strict):
+    no_progress_loop: LoopPolicy = LoopPolicy()
+
+
+class PartialDetectorPolicies(_Strict):
+    no_progress_loop: dict[str, Any] = {}
+
+
+class TenantPolicy(_Strict):
+    detectors: PartialDetectorPolicies = PartialDetectorPolicies()
+
+
+class Price(_Strict):
+    input: float = Field(ge=0, description="USD per million input tokens")
+    output: float = Field(ge=0, description="USD per million output tokens")
+    cached: float | None = Field(None, ge=0, description="USD per million cached input tokens")
+
+
+class PolicyFile(_Strict):
+    allowed_lateness_s: float = Field(5.0, ge=0)
+    detectors: DetectorPolicies = DetectorPolicies()
+    tenants: dict[str, TenantPolicy] = {}
+    prices: dict[str, Price] = {}
+
+
+def _fmt_errors(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class Policy:
+    """Validated policy with per-tenant views, cached after first use."""
+
+    def __init__(self, spec: PolicyFile | None = None) -> None:
+        self.spec = spec or PolicyFile()
+        self._loop: dict[str | None, LoopPolicy] = {}
+        for tenant, tp in self.spec.tenants.items():
+            try:
+                merged = {**self.spec.detectors.no_progress_loop.model_dump(), **tp.detectors.no_progress_loop}
+                self._loop[tenant] = LoopPolicy(**merged)
+            except ValidationError as exc:
+                raise PolicyError(
+                    f"tenants.{tenant}.detectors.no_progress_loop: {_fmt_errors(exc)}"
+                ) from exc
+        self._loop[None] = self.spec.detectors.no_progress_loop
+
+    @classmethod
+    def from_toml(cls, text: str) -> Policy:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"policy is not valid TOML: {exc}") from exc
+        try:
+            return cls(PolicyFile.model_validate(raw))
+        except ValidationError as exc:
+            raise PolicyError(_fmt_errors(exc)) from exc
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> Policy:
+        if path is None:
+            return cls()
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyError(f"policy file {p}: {exc.strerror}") from exc
+        try:
+            return cls.from_toml(text)
+        except PolicyError as exc:
+            raise PolicyError(f"policy file {p}: {exc}") from exc
+
+    @property
+    def allowed_lateness_ns(self) -> int:
+        return int(self.spec.allowed_lateness_s * 1e9)
+
+    def loop_policy(self, tenant: str | None) -> LoopPolicy:
+        return self._loop.get(tenant) or self._loop[None]
+
+    def loop_params(self, tenant: str | None) -> LoopParams:
+        return self.loop_policy(tenant).params()
+
+    def mode(self, detector: str, tenant: str | None) -> Mode:
+        if detector == "no_progress_loop":
+            return self.loop_policy(tenant).mode
+        raise KeyError(detector)
+
+    def breaker_ttl_s(self, detector: str, tenant: str | None) -> float:
+        if detector == "no_progress_loop":
+            return self.loop_policy(tenant).breaker_ttl_s
+        raise KeyError(detector)
+
+
+# ----------------------------------------------------------------------------- finding → outputs
+
+
+def rfc3339(ns: int) -> str:
+    """Event time in ns → RFC 3339 UTC with microseconds (fixed width, so output is byte-stable).
+
+    >>> rfc3339(1_700_000_000_123_456_789)
+    '2023-11-14T22:13:20.123456Z'
+    """
+    return datetime.fromtimestamp(ns // 1000 / 1e6, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def stable_id(prefix: str, *parts: object) -> str:
+    """Deterministic id from the parts of an episode.
+
+    >>> stable_id("inc", "no_progress_loop", "session", "s1", 5) == stable_id("inc", "no_progress_loop", "session", "s1", 5)
+    True
+    """
+    h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=12).hexdigest()
+    return f"{prefix}-{h}"
+
+
+def apply(policy: Policy, f: Finding) -> tuple[Incident | None, BreakerCommand | None]:
+    """Turn one finding into an incident and, when the episode opens, a breaker command.
+
+    Mode ``off`` publishes nothing; ``shadow`` publishes the command with ``mode: shadow``.
+    """
+    mode = policy.mode(f.detector, f.tenant)
+    if mode == "off":
+        return None, None
+    incident_id = stable_id("inc", f.detector, f.scope_kind, f.scope_key, f.episode)
+    command: BreakerCommand | None = None
+    command_id: str | None = None
+    if f.action is not None:
+        command_id = stable_id("cmd", incident_id, f.action, f.command_scope_kind, f.command_scope_key)
+        if f.status == "open":
+            ttl_ns = int(policy.breaker_ttl_s(f.detector, f.tenant) * 1e9)
+            command = BreakerCommand(
+                command_id=command_id,
+                action=f.action,
+                scope=CommandScope(kind=f.command_scope_kind, key=f.command_scope_key, tenant=f.tenant),
+                mode=mode,
+                reason=f.reason,
+                detector=f.detector,
+                incident_id=incident_id,
+                issued_at=rfc3339(f.detected_at_ns),
+                expires_at=rfc3339(f.detected_at_ns + ttl_ns),
+            )
+    incident = Incident(
+        incident_id=incident_id,
+        detector=f.detector,  # type: ignore[arg-type]
+        severity=f.severity,  # type: ignore[arg-type]
+        status=f.status,  # type: ignore[arg-type]
+        scope=IncidentScope(kind=f.scope_kind, key=f.scope_key),  # type: ignore[arg-type]
+        tenant=f.tenant,
+        session_id=f.session_id,
+        workflow_id=f.workflow_id,
+        trace_ids=list(f.trace_ids),
+        first_seen=rfc3339(f.first_seen_ns),
+        last_seen=rfc3339(f.last_seen_ns),
+        detected_at=rfc3339(f.detected_at_ns),
+        summary=f.summary,
+        evidence=f.evidence,
+        breaker_command_id=command_id,
+        policy_mode=mode,
+    )
+    return incident, command

@@ -1,0 +1,194 @@
+"""What the detectors read from a span (SPEC §3 attribute table), in one place.
+
+Every function takes a normalized :class:`~streams.models.Span` and applies "first present wins",
+span attributes before resource attributes.
+
+>>> from streams.models import Span
+>>> s = Span("ab" * 16, "cd" * 8, None, "execute_tool search", "INTERNAL", 0, 10, "OK", "",
+...          {"gen_ai.tool.name": "search", "tool.payload_hash": "h1", "session.id": "s1"},
+...          {"service.name": "svc"})
+>>> session_of(s), tenant_of(s), fingerprint_of(s)
+('s1', 'svc', ('search', 'h1'))
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+from streams.models import Span
+
+SESSION_KEYS = ("gen_ai.conversation.id", "session.id")
+TENANT_KEYS = ("tenant.id", "tenant.hash")
+WORKFLOW_KEYS = ("workflow.id", "workflow.run_id")
+MUTATION_CLASSES = frozenset({"mutation", "non_idempotent_mutation", "high_risk_mutation"})
+
+# Attributes that carry raw content. Ingest drops them (after hashing tool arguments), so they never
+# reach detector state, incidents, logs or metrics.
+SENSITIVE_KEYS = frozenset(
+    {
+        "gen_ai.prompt",
+        "gen_ai.completion",
+        "gen_ai.input.messages",
+        "gen_ai.output.messages",
+        "gen_ai.system_instructions",
+        "gen_ai.tool.call.arguments",
+        "gen_ai.tool.call.result",
+        "gen_ai.tool.definitions",
+        "llm.prompts",
+        "llm.completions",
+        "input.value",
+        "output.value",
+    }
+)
+SENSITIVE_PREFIXES = (
+    "gen_ai.prompt.",
+    "gen_ai.completion.",
+    "gen_ai.input.messages.",
+    "gen_ai.output.messages.",
+    "gen_ai.tool.call.arguments.",
+    "gen_ai.tool.call.result.",
+    "llm.input_messages.",
+    "llm.output_messages.",
+    "llm.prompts.",
+    "llm.completions.",
+)
+
+
+def is_sensitive(key: str) -> bool:
+    """True for attribute keys that carry raw prompts, completions or tool arguments.
+
+    >>> is_sensitive("gen_ai.prompt.0.content"), is_sensitive("gen_ai.tool.name")
+    (True, False)
+    """
+    return key in SENSITIVE_KEYS or key.startswith(SENSITIVE_PREFIXES)
+
+
+def canonical_hash(value: Any) -> str:
+    """Stable 16-hex-digit hash of a value; JSON strings are parsed and canonicalized first.
+
+    >>> canonical_hash('{"b": 1, "a": 2}') == canonical_hash({"a": 2, "b": 1})
+    True
+    """
+    if isinstance(value, str | bytes):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            pass
+    try:
+        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        data = repr(value).encode()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _first(span: Span, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        v = span.attributes.get(k)
+        if v is not None and v != "":
+            return v
+    for k in keys:
+        v = span.resource.get(k)
+        if v is not None and v != "":
+            return v
+    return None
+
+
+def session_of(span: Span) -> str:
+    v = _first(span, SESSION_KEYS)
+    return str(v) if v is not None else span.trace_id
+
+
+def tenant_of(span: Span) -> str | None:
+    v = _first(span, TENANT_KEYS)
+    if v is None:
+        v = span.attr("service.name")
+    return str(v) if v is not None else None
+
+
+def workflow_of(span: Span) -> str:
+    v = _first(span, WORKFLOW_KEYS)
+    return str(v) if v is not None else span.trace_id
+
+
+def operation_of(span: Span) -> str | None:
+    v = span.attr("gen_ai.operation.name")
+    return str(v) if v is not None else None
+
+
+def tool_name_of(span: Span) -> str | None:
+    v = span.attributes.get("gen_ai.tool.name")
+    return str(v) if v is not None else None
+
+
+def is_tool_call(span: Span) -> bool:
+    return tool_name_of(span) is not None or operation_of(span) == "execute_tool"
+
+
+def fingerprint_of(span: Span) -> tuple[str, str | None]:
+    """(tool name, argument hash or None). Ingest has already hashed raw arguments."""
+    name = tool_name_of(span) or span.name
+    h = span.attributes.get("tool.payload_hash")
+    return (name, str(h) if h is not None else None)
+
+
+def state_hash_of(span: Span) -> str | None:
+    v = span.attributes.get("agent.state_hash")
+    return str(v) if v is not None else None
+
+
+def is_error(span: Span) -> bool:
+    return span.status == "ERROR" or span.attributes.get("error.type") is not None
+
+
+def is_mutation(span: Span) -> bool:
+    return span.attributes.get("tool.action_class") in MUTATION_CLASSES
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def tokens_of(span: Span) -> tuple[int, int]:
+    i = _num(span.attributes.get("gen_ai.usage.input_tokens")) or 0.0
+    o = _num(span.attributes.get("gen_ai.usage.output_tokens")) or 0.0
+    return int(i), int(o)
+
+
+def reported_cost_of(span: Span) -> float | None:
+    """Cost in USD as reported on the span, or None (pricing by tokens is the policy's job)."""
+    for k in ("gen_ai.usage.cost", "usage.cost.total"):
+        v = _num(span.attributes.get(k))
+        if v is not None:
+            return v
+    return None
+
+
+def is_retry(span: Span) -> bool:
+    for k in ("http.request.resend_count", "retry.attempt"):
+        v = _num(span.attributes.get(k))
+        if v is not None and v > 0:
+            return True
+    return False
+
+
+def route_of(span: Span) -> str | None:
+    tool = tool_name_of(span)
+    if tool is not None:
+        return f"tool:{tool}"
+    prov = span.attr("gen_ai.provider.name")
+    model = span.attributes.get("gen_ai.request.model")
+    if prov is None and model is None:
+        return None
+    return f"{prov or '-'}/{model or '-'}"
