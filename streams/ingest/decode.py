@@ -1,0 +1,353 @@
+"""Auto-detecting decoder for one Kafka message value, and the replay-file splitter (SPEC §2, §7).
+
+>>> d = decode(b'{"trace_id": "' + b"ab" * 16 + b'", "span_id": "' + b"cd" * 8
+...            + b'", "name": "chat", "start_time_unix_nano": 1, "end_time_unix_nano": 2}')
+>>> d.format, len(d.spans), d.rejections
+('flat', 1, [])
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from streams.ingest.flat import Bad, Ctx, check_depth, flat_span
+from streams.ingest.limits import DEFAULT_LIMITS, Limits
+from streams.ingest.otlp import Sink, json_count, json_request, pb_count, pb_request
+from streams.models import Rejection, Span
+
+_BOM = b"\xef\xbb\xbf"
+_SAFE_MSG = re.compile(r"[A-Za-z ,-]{1,80}").fullmatch
+_WS = b" \t\r\n\x0b\x0c"
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What one message value yields.
+
+    ``spans`` are normalized and scrubbed (SPEC §3); ``rejections`` name what could not become a
+    span (``index`` = position of the span candidate in the message, ``None`` for message-level
+    problems).  ``format`` is ``"flat"``, ``"otlp_json"``, ``"otlp_proto"``, ``"empty"`` (a
+    well-formed message without spans, e.g. an empty value or ``[]``) or ``"unknown"`` (not
+    recognizable: oversized, broken JSON, protobuf garbage).  Spans of one OTLP resource share
+    one ``resource`` dict: treat it as read-only.
+
+    >>> decode(b"").format, decode(b"[]").format, decode(b"\\x00\\x01").format
+    ('empty', 'empty', 'unknown')
+    """
+
+    spans: list[Span]
+    rejections: list[Rejection]
+    format: str
+
+
+def decode(payload: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Decode one message value: flat JSON, JSON array, JSON lines, OTLP JSON or OTLP protobuf.
+
+    Never raises.  Detection: a value whose first non-whitespace byte is ``{`` or ``[`` is JSON
+    (an object with ``resourceSpans`` is an OTLP JSON request, any other object one flat span, an
+    array a list of either; if the whole value is not JSON but has several lines, each non-empty
+    line is decoded on its own — if no line is valid JSON the message gets one rejection);
+    anything else is an OTLP protobuf ``ExportTraceServiceRequest``.  ``None`` (a Kafka
+    tombstone) and whitespace decode as ``"empty"``.
+
+    >>> tid, sid = "ab" * 16, "cd" * 8
+    >>> ok = {"trace_id": tid, "span_id": sid, "name": "t", "start_time_unix_nano": 5,
+    ...       "end_time_unix_nano": 9, "attributes": {"gen_ai.tool.call.arguments": "{}"}}
+    >>> d = decode(orjson.dumps([ok, {**ok, "span_id": "nope"}]))
+    >>> d.spans[0].attributes
+    {'tool.payload_hash': '01e7b720ff566d53'}
+    >>> d.rejections
+    [Rejection(reason='bad_id', detail='span 1: span_id: expected 16 hex digits, not all zero', index=1)]
+    >>> [(r.reason, r.detail[:20]) for r in decode(b'{"a": 1}\\n{oops}\\n').rejections]
+    [('bad_id', 'line 1: span 0: trac'), ('bad_json', 'line 2: not valid JS')]
+    >>> decode(b"x" * 11, limits=Limits(max_message_bytes=10)).rejections[0].reason
+    'oversized'
+    """
+    try:
+        return _decode(payload, limits)
+    except Exception as e:  # defensive: decode() must never raise
+        return Decoded([], [Rejection("bad_input", f"decoder error ({type(e).__name__})")],
+                       "unknown")
+
+
+def _decode(payload: Any, limits: Limits) -> Decoded:
+    if type(payload) is not bytes:
+        if payload is None:
+            return Decoded([], [], "empty")
+        if isinstance(payload, bytes | bytearray | memoryview):
+            payload = bytes(payload)
+        elif isinstance(payload, str):
+            payload = payload.encode("utf-8", "surrogatepass")
+        else:
+            return Decoded([], [Rejection("bad_input", "payload is not bytes")], "unknown")
+    n = len(payload)
+    if n > limits.max_message_bytes:
+        return Decoded([], [Rejection(
+            "oversized", f"message is {n} bytes, max_message_bytes is {limits.max_message_bytes}"
+        )], "unknown")
+    if not n:
+        return Decoded([], [], "empty")
+    ctx = Ctx(limits, n)
+    first = payload[0]
+    if first == 0x7B or first == 0x5B:  # { [
+        return _json(payload, ctx, limits, False)
+    head = payload.lstrip(_WS)
+    if head.startswith(_BOM):
+        head = head[3:].lstrip(_WS)
+    if not head:
+        return Decoded([], [], "empty")
+    if head[0] == 0x7B or head[0] == 0x5B:
+        return _json(head, ctx, limits, payload)
+    return _proto(payload, ctx, limits, strict=False)
+
+
+# --------------------------------------------------------------------------------- protobuf
+
+
+def _proto(payload: bytes, ctx: Ctx, limits: Limits, strict: bool) -> Decoded | None:
+    """OTLP protobuf.  With ``strict`` (a JSON fallback), return None unless it clearly is one."""
+    req = ExportTraceServiceRequest()
+    try:
+        req.ParseFromString(payload)
+    except Exception:
+        if strict:
+            return None
+        return Decoded([], [Rejection("bad_otlp", f"not an OTLP protobuf request ({len(payload)} "
+                                      "bytes do not parse)")], "unknown")
+    if not req.resource_spans:
+        if strict:
+            return None
+        return Decoded([], [Rejection("bad_otlp", "not an OTLP protobuf request (no resourceSpans)")],
+                       "unknown")
+    total = pb_count(req)
+    if strict and not total:
+        return None
+    if total > limits.max_spans_per_message:
+        return _too_many(total, limits, "otlp_proto")
+    sink = Sink()
+    pb_request(req, ctx, sink)
+    return _result(sink, "otlp_proto")
+
+
+# ------------------------------------------------------------------------------------- JSON
+
+
+def _json_error(data: bytes, e: orjson.JSONDecodeError, where: str) -> Rejection:
+    """A content-free rejection for JSON that does not parse."""
+    msg = e.msg
+    if "UTF-8" in msg or "utf-8" in msg:
+        try:
+            data.decode()
+        except UnicodeDecodeError as u:
+            return Rejection("not_utf8", f"{where}not valid UTF-8 (at byte {u.start})")
+    if "depth" in msg or "recursion" in msg:
+        return Rejection("too_deep", f"{where}JSON nesting deeper than the parser limit")
+    try:
+        data.decode()
+    except UnicodeDecodeError as u:
+        return Rejection("not_utf8", f"{where}not valid UTF-8 (at byte {u.start})")
+    if not _SAFE_MSG(msg):
+        msg = "syntax error"
+    pos = f"line {e.lineno}, column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+    return Rejection("bad_json", f"{where}not valid JSON ({msg}, at {pos})")
+
+
+def _json(data: bytes, ctx: Ctx, limits: Limits, raw: bytes | bool) -> Decoded:
+    """``raw`` is the original payload when leading bytes were skipped, else False."""
+    try:
+        docs: list[tuple[int | None, Any]] = [(None, orjson.loads(data))]
+    except orjson.JSONDecodeError as e:
+        if raw and raw[0] == 0x0A:  # protobuf's first tag byte is b"\n": maybe not JSON at all
+            d = _proto(raw, ctx, limits, strict=True)
+            if d is not None:
+                return d
+        if b"\n" not in data:
+            return Decoded([], [_json_error(data, e, "")], "unknown")
+        docs, bad = _lines(data)
+        if not docs:
+            return Decoded([], [_json_error(data, e, "")], "unknown")
+    else:
+        bad = []
+
+    total = 0
+    for _, obj in docs:
+        if type(obj) is list:
+            for el in obj:
+                if type(el) is dict and ("resourceSpans" in el or "resource_spans" in el):
+                    total += json_count(el)
+                else:
+                    total += 1
+        elif type(obj) is dict:
+            total += json_count(obj) if "resourceSpans" in obj or "resource_spans" in obj else 1
+    kinds: set[str] = set()
+    if total > limits.max_spans_per_message:
+        for _, obj in docs:
+            _json_kinds(obj, kinds)
+        return _too_many(total, limits, _fmt(kinds))
+
+    sink = Sink()
+    sink.rejections.extend(bad)
+    for line, obj in docs:
+        sink.where = "" if line is None else f"line {line}: "
+        _json_doc(obj, ctx, sink, kinds)
+    if bad:  # keep rejections in line order
+        sink.rejections.sort(key=_line_of)
+    return _result(sink, _fmt(kinds))
+
+
+def _line_of(r: Rejection) -> int:
+    d = r.detail
+    if d.startswith("line "):
+        num = d[5:d.find(":")]
+        if num.isdigit():
+            return int(num)
+    return 0
+
+
+def _lines(data: bytes) -> tuple[list[tuple[int | None, Any]], list[Rejection]]:
+    docs: list[tuple[int | None, Any]] = []
+    bad: list[Rejection] = []
+    loads = orjson.loads
+    for no, line in enumerate(data.split(b"\n"), 1):
+        if not line or line.isspace():
+            continue
+        try:
+            docs.append((no, loads(line)))
+        except orjson.JSONDecodeError as e:
+            bad.append(_json_error(line, e, f"line {no}: "))
+    return docs, bad
+
+
+def _json_kinds(obj: Any, kinds: set[str]) -> None:
+    if type(obj) is dict:
+        kinds.add("otlp_json" if "resourceSpans" in obj or "resource_spans" in obj else "flat")
+    elif type(obj) is list:
+        for el in obj:
+            if type(el) is dict:
+                _json_kinds(el, kinds)
+            else:
+                kinds.add("flat")
+
+
+def _json_doc(obj: Any, ctx: Ctx, sink: Sink, kinds: set[str]) -> None:
+    """One parsed JSON document (a whole message, or one line of JSON lines) into ``sink``."""
+    if type(obj) is dict:
+        if "resourceSpans" in obj or "resource_spans" in obj:
+            kinds.add("otlp_json")
+            json_request(obj, ctx, sink)
+            return
+        kinds.add("flat")
+        i = sink.n
+        sink.n = i + 1
+        try:
+            sink.spans.append(flat_span(obj, ctx))
+        except Exception as e:
+            sink.bad_span(e, i)
+        return
+    if type(obj) is not list:
+        sink.reject("bad_json", "expected a JSON object or array")
+        return
+    spans_append = sink.spans.append
+    i = sink.n
+    flat = False
+    for el in obj:
+        if type(el) is dict:
+            if "resourceSpans" in el or "resource_spans" in el:
+                sink.n = i
+                kinds.add("otlp_json")
+                json_request(el, ctx, sink)
+                i = sink.n
+                continue
+            flat = True
+            try:
+                spans_append(flat_span(el, ctx))
+            except Exception as e:
+                sink.bad_span(e, i)
+        else:
+            flat = True
+            sink.bad_span(_not_object(el, ctx), i)
+        i += 1
+    sink.n = i
+    if flat:
+        kinds.add("flat")
+
+
+def _not_object(el: Any, ctx: Ctx) -> Exception:
+    if type(el) is list:
+        try:
+            check_depth(el, 1, ctx, "array element")
+        except Bad as b:
+            return b
+    return Bad("bad_span", "array element is not an object")
+
+
+def _fmt(kinds: set[str]) -> str:
+    if "flat" in kinds:
+        return "flat"
+    return "otlp_json" if kinds else "unknown"
+
+
+def _too_many(total: int, limits: Limits, fmt: str) -> Decoded:
+    return Decoded([], [Rejection(
+        "too_many_spans",
+        f"message has {total} spans, max_spans_per_message is {limits.max_spans_per_message}",
+    )], fmt)
+
+
+def _result(sink: Sink, fmt: str) -> Decoded:
+    if not sink.spans and not sink.rejections:
+        fmt = "empty"
+    return Decoded(sink.spans, sink.rejections, fmt)
+
+
+# ------------------------------------------------------------------------------ replay files
+
+
+def iter_documents(fp: typing.BinaryIO) -> Iterator[bytes]:
+    """Split a replay file (opened in binary mode; ``sys.stdin.buffer`` for ``-``) into documents.
+
+    One document per non-empty line (JSON lines, each auto-detected by :func:`decode`), read
+    lazily line by line.  If the first non-blank line starts with ``{`` or ``[`` but is not JSON
+    on its own, the file is one pretty-printed document: the rest is read and yielded whole —
+    unless the whole is not JSON either, then its non-empty lines are yielded one by one (so a
+    broken file still gives per-line errors).
+
+    >>> import io
+    >>> list(iter_documents(io.BytesIO(b'{"a": 1}\\n\\n[2]\\r\\n')))
+    [b'{"a": 1}', b'[2]']
+    >>> list(iter_documents(io.BytesIO(b'[\\n  {"a": 1},\\n  {"b": 2}\\n]\\n')))
+    [b'[\\n  {"a": 1},\\n  {"b": 2}\\n]']
+    """
+    it = iter(fp)
+    for line in it:
+        s = line.strip()
+        if not s:
+            continue
+        if s[0] == 0x7B or s[0] == 0x5B:
+            try:
+                orjson.loads(s)
+            except orjson.JSONDecodeError:
+                whole = (line + fp.read()).strip()
+                try:
+                    orjson.loads(whole)
+                except orjson.JSONDecodeError:
+                    for part in whole.split(b"\n"):
+                        part = part.strip()
+                        if part:
+                            yield part
+                else:
+                    yield whole
+                return
+        yield s
+        break
+    for line in it:
+        s = line.strip()
+        if s:
+            yield s

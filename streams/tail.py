@@ -1,0 +1,434 @@
+"""``breakwater tail incidents|breaker``: what an SRE runs.
+
+Reads ``agent.incidents`` or ``agent.breaker`` from the beginning (no consumer group, every
+partition assigned; ``since_ns`` seeks by record timestamp) and prints one readable line per record::
+
+    12:00:03.120  CRITICAL  no_progress_loop  session:s1  open      Session s1 looped.  [cmd-1f…]
+    12:00:03.120  HALT      session:s1  enforce  expires 12:15:03  no_progress_loop:repeat
+
+Colours when the output is a terminal (and ``NO_COLOR`` is unset); ``--json`` prints each value
+as one compact JSON line instead. Without ``follow`` it stops once the topic has been quiet for
+``idle_timeout_s`` (the embedded broker's end offsets cannot be trusted, SPEC §8). Records that
+cannot be parsed are skipped with a counted warning on stderr; nothing a producer writes can crash
+the tail or inject terminal escape sequences, and raw tool arguments are never printed.
+
+>>> line = render(b'{"action": "halt", "scope": {"kind": "session", "key": "s1"}, "mode": "enforce",'
+...               b' "reason": "no_progress_loop:repeat", "issued_at": "2026-01-01T12:00:03.120000Z",'
+...               b' "expires_at": "2026-01-01T12:15:03.120000Z"}', "breaker")
+>>> line
+'12:00:03.120  HALT      session:s1  enforce  expires 12:15:03  no_progress_loop:repeat'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TextIO
+
+import orjson
+
+from streams.semconv import is_sensitive
+
+if TYPE_CHECKING:  # pragma: no cover
+    from streams.settings import Settings
+
+WHAT = ("incidents", "breaker")
+
+_RESET = "\x1b[0m"
+_BOLD = "\x1b[1m"
+_DIM = "\x1b[2m"
+_RED = "\x1b[31m"
+_GREEN = "\x1b[32m"
+_YELLOW = "\x1b[33m"
+_MAGENTA = "\x1b[35m"
+_CYAN = "\x1b[36m"
+
+_SEVERITY_COLOR = {"CRITICAL": _BOLD + _RED, "WARNING": _YELLOW}
+_STATUS_COLOR = {"open": _RED, "updated": _YELLOW, "resolved": _GREEN}
+_ACTION_COLOR = {"HALT": _BOLD + _RED, "TRIP": _BOLD + _RED, "THROTTLE": _YELLOW, "HOLD": _MAGENTA,
+                 "RELEASE": _GREEN}
+_MODE_COLOR = {"shadow": _DIM}
+
+# C0/C1 controls, DEL, and bidi overrides ("Trojan Source"): never reach the terminal raw.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(value: Any, limit: int = 300) -> str:
+    """A field from the topic made safe for one terminal line: controls escaped, length capped.
+
+    >>> clean("ok\\x1b[31m\\nred")
+    'ok\\\\x1b[31m\\\\x0ared'
+    >>> clean(None), clean(3), len(clean("x" * 500))
+    ('-', '3', 300)
+    """
+    if value is None:
+        return "-"
+    s = _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                    str(value))
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _paint(text: str, code: str | None, color: bool) -> str:
+    return f"{code}{text}{_RESET}" if color and code else text
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def _hms(value: Any, millis: bool = True) -> str:
+    dt = _parse_time(value)
+    if dt is None:
+        return "??:??:??.???" if millis else "??:??:??"
+    return dt.strftime("%H:%M:%S.%f")[:12] if millis else dt.strftime("%H:%M:%S")
+
+
+def _scope(d: dict[str, Any]) -> str:
+    sc = d.get("scope")
+    if not isinstance(sc, dict):
+        return "?:?"
+    s = f"{clean(sc.get('kind'), 20)}:{clean(sc.get('key'), 120)}"
+    if sc.get("tenant") and sc.get("kind") in ("route", "tool"):
+        s += f" tenant:{clean(sc['tenant'], 60)}"
+    return s
+
+
+def format_incident(d: dict[str, Any], color: bool = False) -> str:
+    """One line for an incident (SPEC §5); times are the event time in UTC.
+
+    >>> inc = {"detected_at": "2026-01-01T12:00:03.120456Z", "severity": "critical",
+    ...        "detector": "no_progress_loop", "scope": {"kind": "session", "key": "s1"},
+    ...        "status": "open", "summary": "Session s1 called tool 'search' 3 times.",
+    ...        "breaker_command_id": "cmd-9f2c", "policy_mode": "enforce"}
+    >>> format_incident(inc)
+    "12:00:03.120  CRITICAL  no_progress_loop  session:s1  open      Session s1 called tool 'search' 3 times.  [cmd-9f2c]"
+    >>> format_incident({**inc, "policy_mode": "shadow", "breaker_command_id": None, "status": "resolved"})
+    "12:00:03.120  CRITICAL  no_progress_loop  session:s1  resolved  Session s1 called tool 'search' 3 times.  (shadow)"
+    >>> "\\x1b[" in format_incident(inc, color=True)
+    True
+    """
+    sev = clean(d.get("severity"), 10).upper()
+    status = clean(d.get("status"), 10)
+    parts = [
+        _paint(_hms(d.get("detected_at")), _DIM, color),
+        _paint(f"{sev:<8}", _SEVERITY_COLOR.get(sev), color),
+        _paint(f"{clean(d.get('detector'), 30):<16}", _CYAN, color),
+        _scope(d),
+        _paint(f"{status:<8}", _STATUS_COLOR.get(status), color),
+        clean(d.get("summary"), 400),
+    ]
+    cmd = d.get("breaker_command_id")
+    if cmd:
+        c = clean(cmd, 60)
+        parts.append(f"[{c}]" if c.startswith("cmd") else f"[cmd {c}]")
+    if d.get("policy_mode") == "shadow":
+        parts.append(_paint("(shadow)", _DIM, color))
+    return "  ".join(parts)
+
+
+def format_command(d: dict[str, Any], color: bool = False) -> str:
+    """One line for a breaker command (SPEC §6).
+
+    >>> cmd = {"action": "throttle", "scope": {"kind": "route", "key": "openai/gpt-4o", "tenant": "acme"},
+    ...        "mode": "shadow", "reason": "retry_storm", "issued_at": "2026-01-01T12:00:03Z",
+    ...        "expires_at": "2026-01-01T12:02:03Z", "rate_limit_per_s": 5.0}
+    >>> format_command(cmd)
+    '12:00:03.000  THROTTLE  route:openai/gpt-4o tenant:acme  shadow   expires 12:02:03  limit 5/s  retry_storm'
+    >>> format_command({"action": "release", "scope": {"kind": "session", "key": "s1"}, "mode": "enforce",
+    ...                 "reason": "expired", "issued_at": "2026-01-01T12:15:03Z", "expires_at": None})
+    '12:15:03.000  RELEASE   session:s1  enforce  expired'
+    """
+    action = clean(d.get("action"), 12).upper()
+    mode = clean(d.get("mode"), 10)
+    parts = [
+        _paint(_hms(d.get("issued_at")), _DIM, color),
+        _paint(f"{action:<8}", _ACTION_COLOR.get(action), color),
+        _scope(d),
+        _paint(f"{mode:<7}", _MODE_COLOR.get(mode), color),
+    ]
+    if d.get("expires_at"):
+        parts.append(f"expires {_hms(d.get('expires_at'), millis=False)}")
+    rate = d.get("rate_limit_per_s")
+    if isinstance(rate, int | float) and not isinstance(rate, bool):
+        parts.append(f"limit {rate:g}/s")
+    parts.append(clean(d.get("reason"), 300))
+    return "  ".join(parts)
+
+
+def _scrub(v: Any) -> Any:
+    """Drop content-carrying keys (raw prompts, tool arguments) anywhere in a value."""
+    if isinstance(v, dict):
+        return {k: _scrub(x) for k, x in v.items() if not (isinstance(k, str) and is_sensitive(k))}
+    if isinstance(v, list):
+        return [_scrub(x) for x in v]
+    return v
+
+
+def _json_line(d: Any) -> str:
+    # orjson escapes C0 controls; escape DEL, C1 and bidi controls too (still valid JSON)
+    s = orjson.dumps(_scrub(d)).decode()
+    return re.sub("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]", lambda m: f"\\u{ord(m.group()):04x}", s)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Record filters; each applies where the record has the field (``severity``: incidents only).
+
+    ``tenant`` matches the incident's ``tenant`` or the command's ``scope.tenant``, and a
+    ``tenant``-kind scope key. ``since_ns`` compares with the Kafka record timestamp.
+
+    >>> f = Filters(detector="no_progress_loop", tenant="acme", severity="critical")
+    >>> f.matches({"detector": "no_progress_loop", "tenant": "acme", "severity": "critical"}, "incidents")
+    True
+    >>> f.matches({"detector": "no_progress_loop", "tenant": "acme", "severity": "warning"}, "incidents")
+    False
+    >>> f.matches({"detector": "no_progress_loop", "scope": {"kind": "session", "key": "s", "tenant": "acme"}},
+    ...           "breaker")
+    True
+    >>> Filters(since_ns=2_000_000).matches({}, "breaker", timestamp_ms=1)
+    False
+    """
+
+    detector: str | None = None
+    tenant: str | None = None
+    severity: str | None = None
+    since_ns: int | None = None
+
+    def matches(self, d: dict[str, Any], what: str, timestamp_ms: int | None = None) -> bool:
+        if self.since_ns is not None and timestamp_ms is not None and timestamp_ms * 1_000_000 < self.since_ns:
+            return False
+        if self.detector is not None and d.get("detector") != self.detector:
+            return False
+        if self.severity is not None and what == "incidents" and d.get("severity") != self.severity:
+            return False
+        if self.tenant is not None:
+            sc = d.get("scope") if isinstance(d.get("scope"), dict) else {}
+            tenants = {d.get("tenant"), sc.get("tenant")}
+            if sc.get("kind") == "tenant":
+                tenants.add(sc.get("key"))
+            if self.tenant not in tenants:
+                return False
+        return True
+
+
+class BadRecord(ValueError):
+    """A record value that is not a JSON object."""
+
+
+def render(value: bytes | None, what: str, *, as_json: bool = False, color: bool = False,
+           filters: Filters | None = None, timestamp_ms: int | None = None) -> str | None:
+    """The line to print for one record value, or None when filtered out or a tombstone.
+
+    Raises :class:`BadRecord` for values that are not a JSON object.
+
+    >>> v = b'{"detector": "retry_storm", "severity": "warning", "summary": "x"}'
+    >>> render(v, "incidents", filters=Filters(severity="critical")) is None
+    True
+    >>> render(v, "incidents", as_json=True)
+    '{"detector":"retry_storm","severity":"warning","summary":"x"}'
+    >>> render(None, "breaker") is None
+    True
+    >>> render(b"not json", "incidents")
+    Traceback (most recent call last):
+    ...
+    streams.tail.BadRecord: not JSON
+    """
+    if what not in WHAT:
+        raise ValueError(f"what must be one of {WHAT}, got {what!r}")
+    if value is None:  # a tombstone on the compacted breaker topic
+        return None
+    try:
+        d = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        raise BadRecord("not JSON") from None
+    if not isinstance(d, dict):
+        raise BadRecord("not a JSON object")
+    if filters is not None and not filters.matches(d, what, timestamp_ms):
+        return None
+    if as_json:
+        return _json_line(d)
+    try:
+        return format_incident(d, color) if what == "incidents" else format_command(d, color)
+    except Exception as exc:  # noqa: BLE001 - a hostile record must never crash the tail
+        raise BadRecord(f"unformattable: {type(exc).__name__}") from None
+
+
+@dataclass
+class TailStats:
+    """Counts of one :func:`tail` run.
+
+    >>> TailStats()
+    TailStats(printed=0, filtered=0, bad=0, tombstones=0)
+    """
+
+    printed: int = 0
+    filtered: int = 0
+    bad: int = 0
+    tombstones: int = 0
+
+
+class Printer:
+    """Renders records to ``out`` and counts them; bad records become warnings on ``err``.
+
+    >>> import io
+    >>> out, err = io.StringIO(), io.StringIO()
+    >>> p = Printer("breaker", out=out, err=err, color=False)
+    >>> p.handle(b"{oops", topic="agent.breaker", partition=0, offset=7)
+    False
+    >>> p.handle(b'{"action": "hold", "scope": {"kind": "session", "key": "s9"}, "mode": "enforce",'
+    ...          b' "reason": "silent_success", "issued_at": "2026-01-01T00:00:00Z", "expires_at": null}')
+    True
+    >>> out.getvalue()
+    '00:00:00.000  HOLD      session:s9  enforce  silent_success\\n'
+    >>> err.getvalue()
+    'breakwater tail: skipped unparseable record agent.breaker[0]@7 (not JSON); 1 so far\\n'
+    >>> p.stats
+    TailStats(printed=1, filtered=0, bad=1, tombstones=0)
+    """
+
+    def __init__(self, what: str, *, out: TextIO, err: TextIO, color: bool, as_json: bool = False,
+                 filters: Filters | None = None) -> None:
+        if what not in WHAT:
+            raise ValueError(f"what must be one of {WHAT}, got {what!r}")
+        self.what, self.out, self.err, self.color, self.as_json = what, out, err, color, as_json
+        self.filters = filters or Filters()
+        self.stats = TailStats()
+
+    def handle(self, value: bytes | None, *, timestamp_ms: int | None = None, topic: str = "",
+               partition: int | None = None, offset: int | None = None) -> bool:
+        """Print one record if it passes the filters; True when a line was printed."""
+        if value is None:
+            self.stats.tombstones += 1
+            return False
+        try:
+            line = render(value, self.what, as_json=self.as_json, color=self.color, filters=self.filters,
+                          timestamp_ms=timestamp_ms)
+        except BadRecord as exc:
+            self.stats.bad += 1
+            where = f" {topic}[{partition}]@{offset}" if topic else ""
+            print(f"breakwater tail: skipped unparseable record{where} ({exc}); {self.stats.bad} so far",
+                  file=self.err)
+            return False
+        if line is None:
+            self.stats.filtered += 1
+            return False
+        self.out.write(line + "\n")
+        self.stats.printed += 1
+        return True
+
+
+def use_color(out: TextIO, color: bool | None = None) -> bool:
+    """``color`` if given, else: ``out`` is a terminal and ``NO_COLOR`` is not set.
+
+    >>> import io
+    >>> use_color(io.StringIO()), use_color(io.StringIO(), True)
+    (False, True)
+    """
+    if color is not None:
+        return color
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+async def _partitions(consumer: Any, topic: str, follow: bool, err: TextIO) -> list[Any]:
+    from aiokafka import TopicPartition
+
+    warned = False
+    while True:
+        await consumer.topics()  # refreshes metadata
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        if not follow:
+            print(f"breakwater tail: topic {topic} does not exist (yet); nothing to show", file=err)
+            return []
+        if not warned:
+            print(f"breakwater tail: waiting for topic {topic} to exist…", file=err)
+            warned = True
+        await asyncio.sleep(1.0)
+
+
+async def tail(settings: Settings, what: str, *, follow: bool = False, as_json: bool = False,
+               detector: str | None = None, tenant: str | None = None, severity: str | None = None,
+               since_ns: int | None = None, out: TextIO | None = None, err: TextIO | None = None,
+               color: bool | None = None, max_records: int | None = None,
+               idle_timeout_s: float | None = None) -> TailStats:
+    """Print incidents or breaker commands from the beginning of the topic (or ``since_ns``).
+
+    Stops after ``max_records`` printed lines, or — without ``follow`` — after ``idle_timeout_s``
+    (default 2 s) without new records. ``out``/``err`` default to stdout/stderr.
+
+    >>> from streams.settings import Settings
+    >>> asyncio.run(tail(Settings(), "nonsense"))
+    Traceback (most recent call last):
+    ...
+    ValueError: what must be 'incidents' or 'breaker', got 'nonsense'
+    """
+    if what not in WHAT:
+        raise ValueError(f"what must be 'incidents' or 'breaker', got {what!r}")
+    from aiokafka import AIOKafkaConsumer
+
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    idle = 2.0 if idle_timeout_s is None else idle_timeout_s
+    topic = settings.topic_incidents if what == "incidents" else settings.topic_breaker
+    printer = Printer(what, out=out, err=err, color=use_color(out, color), as_json=as_json,
+                      filters=Filters(detector=detector, tenant=tenant, severity=severity, since_ns=since_ns))
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_client_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="breakwater-tail",
+    )
+    await consumer.start()
+    try:
+        tps = await _partitions(consumer, topic, follow, err)
+        if not tps:
+            return printer.stats
+        consumer.assign(tps)
+        if since_ns is not None:
+            found = await consumer.offsets_for_times({tp: max(0, since_ns // 1_000_000) for tp in tps})
+            for tp in tps:
+                ot = found.get(tp)
+                if ot is None:
+                    await consumer.seek_to_end(tp)
+                else:
+                    consumer.seek(tp, ot.offset)
+        else:
+            await consumer.seek_to_beginning(*tps)
+        last = time.monotonic()
+        while True:
+            batch = await consumer.getmany(*tps, timeout_ms=200, max_records=1000)
+            records = sorted((r for recs in batch.values() for r in recs),
+                             key=lambda r: (r.timestamp, r.partition, r.offset))
+            for r in records:
+                if printer.handle(r.value, timestamp_ms=r.timestamp, topic=r.topic, partition=r.partition,
+                                  offset=r.offset) and max_records is not None \
+                        and printer.stats.printed >= max_records:
+                    out.flush()
+                    return printer.stats
+            if records:
+                out.flush()
+                last = time.monotonic()
+            elif not follow and time.monotonic() - last >= idle:
+                return printer.stats
+    finally:
+        await consumer.stop()
