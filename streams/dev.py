@@ -142,7 +142,7 @@ async def _demo(settings, seed: int, duration_s: float | None) -> None:  # noqa:
     from streams import simulate, tail
 
     tasks = [
-        asyncio.create_task(simulate.run_live(settings, seed=seed, sessions_per_s=2.0, loop_every=4,
+        asyncio.create_task(simulate.run_live(settings, seed=seed, sessions_per_s=1.0, loop_every=5, time_scale=0.1,
                                               duration_s=duration_s or 10**9)),
         asyncio.create_task(tail.tail(settings, "incidents", follow=True, as_json=False)),
         asyncio.create_task(tail.tail(settings, "breaker", follow=True, as_json=False)),

@@ -69,6 +69,8 @@ class Replayer:
             st, out = self.pipe.step(st, group, wm)
             self.states[session] = st
             outputs.extend(out)
+        # event-time order, so the output does not depend on how the input was batched
+        outputs.sort(key=lambda o: o.detected_at_ns)
         self.stats.spans += len(spans)
         if wm >= self._next_evict_ns:
             self._evict(wm)

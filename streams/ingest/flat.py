@@ -213,15 +213,14 @@ def scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
     """
     safe = _SAFE
     drop = None
-    for k in a:
-        if k not in safe:
-            if is_sensitive(k):
-                if drop is None:
-                    drop = [k]
-                else:
-                    drop.append(k)
-            elif len(safe) < _SAFE_MAX:
-                safe.add(k)
+    for k in a.keys() - safe:  # only keys never classified before
+        if is_sensitive(k):
+            if drop is None:
+                drop = [k]
+            else:
+                drop.append(k)
+        elif len(safe) < _SAFE_MAX:
+            safe.add(k)
     if drop:
         if hash_args and ARGS_KEY in a and HASH_KEY not in a:
             try:
@@ -243,8 +242,12 @@ def attrs_dict(a: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
     """
     if type(a) is dict:
         if len(a) <= ctx.max_attrs and set(map(type, a.values())) <= SCALARS:
-            if ctx.trunc:
-                _trunc_values(a, ctx.max_str)
+            if ctx.trunc:  # only str can be too long here (lists take the flatten path)
+                lim = ctx.max_str >> 2
+                for v in a.values():
+                    if type(v) is str and len(v) > lim:
+                        _trunc_values(a, ctx.max_str)
+                        break
         else:
             a = flatten(a, ctx, what)
         if a.keys() <= _SAFE:
@@ -518,6 +521,8 @@ def flat_span(d: dict[str, Any], ctx: Ctx) -> Span:
     s = g("status")
     if s is None:
         status, msg = "UNSET", ""
+    elif type(s) is dict and type(c := s.get("code")) is str and c in STATUS and len(s) == 1:
+        status, msg = STATUS[c], ""
     else:
         status, msg = _status_flat(s)
 

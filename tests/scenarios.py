@@ -1,0 +1,102 @@
+"""Replay scenarios of SPEC §4.1 as input files: each loop kind and the benign look-alikes,
+written as flat JSON lines, one JSON array, and OTLP JSON (hex ids, AnyValue, int64 strings)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import orjson
+
+S = 10**9
+BASE = 1_767_225_600 * S  # 2026-01-01T00:00:00Z
+
+
+def _hex(seed: str, n: int) -> str:
+    return hashlib.blake2b(seed.encode(), digest_size=n // 2).hexdigest()
+
+
+def flat(session: str, i: int, t_s: float, *, tool=None, args=None, op=None, state=None, status="OK", **attrs):
+    a = {"gen_ai.conversation.id": session}
+    if tool:
+        a.update({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool})
+        if args is not None:
+            a["gen_ai.tool.call.arguments"] = args
+    if op:
+        a["gen_ai.operation.name"] = op
+    if state:
+        a["agent.state_hash"] = state
+    a.update(attrs)
+    end = BASE + int(t_s * S)
+    return {
+        "trace_id": _hex(session, 32),
+        "span_id": _hex(f"{session}/{i}", 16),
+        "parent_span_id": None,
+        "name": tool or op or "step",
+        "kind": "INTERNAL",
+        "start_time_unix_nano": end - S // 5,
+        "end_time_unix_nano": end,
+        "status": {"code": status},
+        "attributes": a,
+        "resource": {"service.name": "agent-svc", "tenant.id": "acme"},
+    }
+
+
+def _seq(session, items):
+    return [flat(session, i, t, **kw) for i, (t, kw) in enumerate(items)]
+
+
+def scenarios() -> dict[str, tuple[list[dict], str | None]]:
+    """name → (spans, expected rule or None for benign)."""
+    q = '{"query": "weather in Paris", "api_key": "sk-SECRET-123"}'
+    return {
+        "repeat": (_seq("loop-repeat", [(i * 4, {"tool": "search", "args": q}) for i in range(4)]), "repeat"),
+        "cycle": (_seq("loop-cycle", [(i * 3, {"tool": t}) for i, t in enumerate("ABCABCABC")]), "cycle"),
+        "stagnation": (_seq("loop-stag", [(i * 5, {"op": "chat", "state": "s0"}) for i in range(6)]), "stagnation"),
+        "paging": (_seq("ok-paging", [(i * 2, {"tool": "search", "args": f'{{"q": "x", "page": {i}}}'})
+                                      for i in range(12)]), None),
+        "polling": (_seq("ok-polling", [(i * 2, {"tool": "job_status", "args": '{"id": 7}'} if i % 2 == 0
+                                         else {"op": "chat", "state": f"st{i}"}) for i in range(16)]), None),
+        "spread": (_seq("ok-spread", [(i * 400, {"tool": "search", "args": q}) for i in range(4)]), None),
+    }
+
+
+def _any(v):
+    if isinstance(v, bool):
+        return {"boolValue": v}
+    if isinstance(v, int):
+        return {"intValue": str(v)}
+    if isinstance(v, float):
+        return {"doubleValue": v}
+    return {"stringValue": str(v)}
+
+
+def to_otlp_json(spans: list[dict]) -> dict:
+    out = []
+    for s in spans:
+        out.append({
+            "traceId": s["trace_id"], "spanId": s["span_id"], "name": s["name"], "kind": 1,
+            "startTimeUnixNano": str(s["start_time_unix_nano"]), "endTimeUnixNano": str(s["end_time_unix_nano"]),
+            "attributes": [{"key": k, "value": _any(v)} for k, v in s["attributes"].items()],
+            "status": {"code": 2 if s["status"]["code"] == "ERROR" else 1},
+        })
+    res = spans[0]["resource"]
+    return {"resourceSpans": [{
+        "resource": {"attributes": [{"key": k, "value": _any(v)} for k, v in res.items()]},
+        "scopeSpans": [{"scope": {"name": "tests"}, "spans": out}],
+    }]}
+
+
+def write_all(dirpath: Path) -> dict[str, Path]:
+    """Write every scenario mixed together in the three encodings; returns format → path."""
+    allspans = [s for spans, _ in scenarios().values() for s in spans]
+    allspans.sort(key=lambda s: s["end_time_unix_nano"])
+    paths = {"jsonl": dirpath / "spans.jsonl", "array": dirpath / "spans.json", "otlp": dirpath / "spans.otlp.jsonl"}
+    paths["jsonl"].write_bytes(b"".join(orjson.dumps(s) + b"\n" for s in allspans))
+    paths["array"].write_bytes(orjson.dumps(allspans, option=orjson.OPT_INDENT_2))
+    by_session: dict[str, list[dict]] = {}
+    for s in allspans:
+        by_session.setdefault(s["attributes"]["gen_ai.conversation.id"], []).append(s)
+    # one OTLP request per span, in event-time order, so sessions interleave as they would live
+    paths["otlp"].write_bytes(b"".join(orjson.dumps(to_otlp_json([s])) + b"\n" for s in allspans))
+    return paths

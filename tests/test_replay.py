@@ -1,0 +1,66 @@
+"""``breakwater replay`` end to end (a subprocess, as a user runs it): every loop kind of SPEC §4.1
+found, nothing in the benign cases, in every encoding, byte-identical on a second run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from tests.scenarios import scenarios, write_all
+
+
+def replay(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "streams", "replay", *args], input=stdin,
+                          capture_output=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_all(tmp_path_factory.mktemp("replay"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "array", "otlp"])
+def test_finds_each_loop_and_nothing_benign(files, fmt, tmp_path):
+    cmds = tmp_path / "cmds.jsonl"
+    r = replay(str(files[fmt]), "--commands", str(cmds))
+    assert r.returncode == 0, r.stderr.decode()
+    incidents = [orjson.loads(line) for line in r.stdout.splitlines()]
+    opened = {i["session_id"]: i["evidence"]["rule"] for i in incidents if i["status"] == "open"}
+    want = {spans[0]["attributes"]["gen_ai.conversation.id"]: rule
+            for spans, rule in scenarios().values() if rule is not None}
+    assert opened == want
+    commands = [orjson.loads(line) for line in cmds.read_bytes().splitlines()]
+    assert {c["scope"]["key"] for c in commands} == set(want)
+    assert all(c["action"] == "halt" and c["mode"] == "enforce" for c in commands)
+    # privacy: no raw tool arguments anywhere in the outputs
+    assert b"SECRET" not in r.stdout + cmds.read_bytes() + r.stderr
+    assert b"0 rejected" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "array", "otlp"])
+def test_byte_identical_on_second_run(files, fmt):
+    a, b = replay(str(files[fmt])), replay(str(files[fmt]))
+    assert a.stdout and a.stdout == b.stdout
+
+
+def test_same_incidents_in_every_encoding(files):
+    outs = {fmt: replay(str(p)).stdout for fmt, p in files.items()}
+    assert outs["jsonl"] == outs["array"] == outs["otlp"]
+
+
+def test_bad_lines_are_counted_not_fatal(files):
+    data = files["jsonl"].read_bytes()
+    lines = data.splitlines()
+    noisy = b"\n".join(lines[:5] + [b"{not json", b"\xff\xfe", b'{"trace_id": 1}'] + lines[5:]) + b"\n"
+    r = replay("-", stdin=noisy)
+    assert r.returncode == 0
+    assert r.stdout == replay(str(files["jsonl"])).stdout
+    assert b"3 rejected" in r.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    r = replay(str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 2 and b"nope.jsonl" in r.stderr

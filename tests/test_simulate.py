@@ -1,0 +1,432 @@
+"""The simulator: deterministic, well-shaped, realistic, and honest about its ground truth.
+
+The loop rules of SPEC §4.1 are re-implemented here by a deliberately naive checker, independent of
+the detector, so a healthy session that looks like a loop (or an injected one that does not) fails
+the test whatever the detector does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import time
+from collections import defaultdict
+
+import orjson
+import pytest
+
+from streams import semconv, simulate as sim
+from streams.models import FlatSpanIn, Span
+from streams.settings import Settings
+
+T0 = 1_767_225_600_000_000_000
+S = 10**9
+HEX = re.compile(r"^[0-9a-f]+$")
+
+
+@pytest.fixture(scope="module")
+def spans() -> list[dict]:
+    return list(sim.generate(11, 300, T0, loops=12))
+
+
+@pytest.fixture(scope="module")
+def by_session(spans) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for s in spans:
+        out[s["attributes"]["gen_ai.conversation.id"]].append(s)
+    return out
+
+
+def fp(s: dict) -> tuple[str, str] | None:
+    a = s["attributes"]
+    if "gen_ai.tool.name" not in a:
+        return None
+    return a["gen_ai.tool.name"], orjson.dumps(orjson.loads(a["gen_ai.tool.call.arguments"]),
+                                               option=orjson.OPT_SORT_KEYS).decode()
+
+
+def loop_violations(session: list[dict]) -> set[str]:
+    """Naive SPEC §4.1 checker over one session's spans in end-time order."""
+    found: set[str] = set()
+    state = None
+    calls: dict[tuple, list[int]] = defaultdict(list)
+    seq: list[tuple] = []
+    chat_hash, streak = None, 0
+    mutated: set[tuple] = set()
+    for s in sorted(session, key=lambda s: s["end_time_unix_nano"]):
+        a, t = s["attributes"], s["end_time_unix_nano"]
+        f = fp(s)
+        progress = False
+        sh = a.get("agent.state_hash")
+        if sh is not None:
+            progress = state is not None and sh != state
+            state = sh
+        if f and a.get("tool.action_class") in semconv.MUTATION_CLASSES and s["status"]["code"] == "OK" \
+                and f not in mutated:
+            mutated.add(f)
+            progress = True
+        if progress:
+            calls.clear()
+            seq.clear()
+            chat_hash, streak = None, 0
+        if a.get("gen_ai.operation.name") == "chat":
+            streak = streak + 1 if sh == chat_hash else 1
+            chat_hash = sh
+            if streak >= 5:
+                found.add("stagnation")
+        if f:
+            calls[f] = [x for x in calls[f] if t - x <= 600 * S] + [t]
+            if len(calls[f]) >= 3:
+                found.add("repeat")
+            seq.append(f)
+            for p in (2, 3, 4):
+                tail = seq[-3 * p:]
+                if len(tail) == 3 * p and len(set(tail[:p])) > 1 and all(tail[i] == tail[i % p] for i in range(3 * p)):
+                    found.add("cycle")
+    return found
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("fmt", sim.FORMATS)
+def test_same_seed_same_bytes(fmt):
+    a, b = io.BytesIO(), io.BytesIO()
+    na = sim.write_file(a, sim.generate(5, 40, T0, loops=3), fmt)
+    nb = sim.write_file(b, sim.generate(5, 40, T0, loops=3), fmt)
+    assert na == nb > 0
+    assert a.getvalue() == b.getvalue()
+
+
+def test_other_seed_other_traffic():
+    a = list(sim.generate(1, 10, T0, loops=0))
+    b = list(sim.generate(2, 10, T0, loops=0))
+    assert {s["trace_id"] for s in a}.isdisjoint({s["trace_id"] for s in b})
+
+
+def test_prefix_stable_when_more_sessions_requested():
+    truth_small = sim.injected_sessions(3, 5, 2)
+    truth_big = sim.injected_sessions(3, 50, 2)
+    assert truth_small == truth_big
+    small = {s["span_id"] for s in sim.generate(3, 5, T0, loops=2)}
+    big = {s["span_id"] for s in sim.generate(3, 50, T0, loops=2)}
+    assert small <= big
+
+
+# ----------------------------------------------------------------------------- shape
+
+
+def test_flat_span_shape(spans):
+    ids = set()
+    for s in spans:
+        FlatSpanIn.model_validate(s)
+        assert len(s["trace_id"]) == 32 and HEX.match(s["trace_id"])
+        assert len(s["span_id"]) == 16 and HEX.match(s["span_id"])
+        assert s["span_id"] not in ids
+        ids.add(s["span_id"])
+        assert s["status"]["code"] in ("OK", "ERROR")
+        assert set(s["resource"]) == {"service.name", "tenant.id"}
+        assert s["start_time_unix_nano"] <= s["end_time_unix_nano"]
+        for k, v in s["attributes"].items():
+            assert "." in k or k.startswith("gen_ai")
+            assert isinstance(v, str | int | float | bool), k
+
+
+def test_event_time_order_and_interleaving(spans):
+    ends = [s["end_time_unix_nano"] for s in spans]
+    assert ends == sorted(ends)
+    order = [s["attributes"]["gen_ai.conversation.id"] for s in spans]
+    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    assert switches > len(spans) // 2  # sessions really run concurrently
+
+
+def test_session_structure(by_session):
+    for sid, ss in by_session.items():
+        root = ss[-1]
+        assert root["parent_span_id"] is None
+        assert root["attributes"]["gen_ai.operation.name"] == "invoke_agent"
+        assert {s["trace_id"] for s in ss} == {root["trace_id"]}
+        assert all(s["parent_span_id"] == root["span_id"] for s in ss[:-1])
+        dur = (root["end_time_unix_nano"] - root["start_time_unix_nano"]) / S
+        assert 55 <= dur <= 200, (sid, dur)
+        ends = [s["end_time_unix_nano"] for s in ss]
+        gaps = [(b - a) / S for a, b in zip(ends, ends[1:])]
+        assert max(gaps) < 45, sid  # spans a few seconds apart
+        ops = [s["attributes"]["gen_ai.operation.name"] for s in ss]
+        assert ops[0] == "chat" and "chat" in ops
+        for s in ss:
+            a = s["attributes"]
+            if a["gen_ai.operation.name"] == "chat":
+                for k in ("gen_ai.provider.name", "gen_ai.request.model", "gen_ai.usage.input_tokens",
+                          "gen_ai.usage.output_tokens", "gen_ai.usage.cost", "agent.state_hash"):
+                    assert k in a, k
+            elif a["gen_ai.operation.name"] == "execute_tool":
+                assert isinstance(orjson.loads(a["gen_ai.tool.call.arguments"]), dict)
+                if a["tool.action_class"] in semconv.MUTATION_CLASSES:
+                    assert a["tool.verification_status"] == "verified"
+                    assert s["status"]["code"] == "OK"
+
+
+def test_realistic_variety(spans):
+    tools = {s["attributes"].get("gen_ai.tool.name") for s in spans} - {None}
+    assert {"search", "read_file", "http_get", "run_sql", "write_file", "send_email"} <= tools
+    args = {s["attributes"]["gen_ai.tool.call.arguments"] for s in spans if "gen_ai.tool.name" in s["attributes"]}
+    assert len(args) > 500
+    assert any('"page":' in a for a in args) and any('"query":' in a for a in args) and any('"path":' in a for a in args)
+    assert len({s["resource"]["tenant.id"] for s in spans}) == 3
+    assert len({s["attributes"].get("gen_ai.request.model") for s in spans}) >= 4
+    assert any(s["attributes"].get("http.request.resend_count") for s in spans)
+    assert any(s["attributes"].get("retry.attempt") for s in spans)
+    assert any(s["status"]["code"] == "ERROR" and "gen_ai.tool.name" in s["attributes"] for s in spans)
+
+
+def test_tenants_parameter():
+    spans = list(sim.generate(1, 60, T0, loops=0, tenants=10))
+    assert len({s["resource"]["tenant.id"] for s in spans}) > 3
+    with pytest.raises(ValueError):
+        list(sim.generate(1, 1, T0, loops=0, tenants=0))
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def test_ground_truth(spans, by_session):
+    truth = sim.injected_sessions(11, 300, 12)
+    assert len(truth) == 12
+    assert sorted(truth.values()) == sorted(["repeat", "cycle", "stagnation"] * 4)
+    marked = {s["attributes"]["gen_ai.conversation.id"]: s["attributes"]["sim.injected"]
+              for s in spans if "sim.injected" in s["attributes"]}
+    assert marked == truth
+    for sid in truth:
+        root = by_session[sid][-1]
+        assert root["attributes"]["agent.outcome"] == "failure"
+    for sid in set(by_session) - set(truth):
+        assert by_session[sid][-1]["attributes"]["agent.outcome"] == "success"
+    assert sim.injected_sessions(1, 2, 5) == {sim.session_id(1, 0): "repeat", sim.session_id(1, 1): "cycle"}
+
+
+def test_healthy_sessions_do_not_loop(by_session):
+    truth = sim.injected_sessions(11, 300, 12)
+    bad = {sid: v for sid, ss in by_session.items() if sid not in truth and (v := loop_violations(ss))}
+    assert not bad
+
+
+def test_injected_sessions_loop_as_labelled(by_session):
+    for sid, kind in sim.injected_sessions(11, 300, 12).items():
+        assert kind in loop_violations(by_session[sid]), (sid, kind)
+
+
+def test_injected_loops_have_the_promised_shape(by_session):
+    for sid, kind in sim.injected_sessions(11, 300, 12).items():
+        ss = by_session[sid]
+        if kind == "repeat":
+            counts: dict = defaultdict(int)
+            for s in ss:
+                if f := fp(s):
+                    counts[f] += 1
+            assert max(counts.values()) >= 6
+        elif kind == "stagnation":
+            chats = [s["attributes"]["agent.state_hash"] for s in ss if s["attributes"]["gen_ai.operation.name"] == "chat"]
+            assert chats[-7:] == [chats[-1]] * 7
+
+
+def test_failed_tool_calls_are_retried_successfully(by_session):
+    """No silent-success gap in healthy traffic: every failed call succeeds later, same arguments."""
+    for ss in by_session.values():
+        for i, s in enumerate(ss):
+            if s["status"]["code"] == "ERROR" and "gen_ai.tool.name" in s["attributes"]:
+                later = [x for x in ss[i + 1:] if fp(x) == fp(s) and x["status"]["code"] == "OK"]
+                assert later and later[0]["attributes"]["retry.attempt"] == 1
+                assert (later[0]["end_time_unix_nano"] - s["end_time_unix_nano"]) < 30 * S
+
+
+def test_healthy_traffic_stays_under_other_detector_thresholds(by_session):
+    for sid, ss in by_session.items():
+        retries = [s for s in ss if s["attributes"].get("retry.attempt") or s["attributes"].get("http.request.resend_count")]
+        assert len(retries) < 10, sid
+        costs = [(s["end_time_unix_nano"], s["attributes"].get("gen_ai.usage.cost", 0.0)) for s in ss]
+        assert sum(c for _, c in costs) < 10
+        for t, _ in costs:
+            assert sum(c for u, c in costs if t <= u < t + 60 * S) < 2
+
+
+def test_plans_are_acyclic_and_complete(spans):
+    plans = [orjson.loads(s["attributes"]["plan.steps"]) for s in spans if "plan.steps" in s["attributes"]]
+    assert plans
+    for steps in plans:
+        ids = [st["id"] for st in steps]
+        for k, st in enumerate(steps):
+            assert all(d in ids[:k] for d in st["depends_on"])  # deps point backwards: no cycle
+
+
+def test_detector_finds_exactly_the_injected_sessions(spans):
+    """Cross-check with the real no_progress_loop core (tool arguments hashed as ingest does)."""
+    from streams.detectors.loop import NoProgressLoop
+
+    det = NoProgressLoop()
+    states: dict = {}
+    hit: set[str] = set()
+    for d in spans:
+        a = dict(d["attributes"])
+        if "gen_ai.tool.call.arguments" in a:
+            a["tool.payload_hash"] = semconv.canonical_hash(a.pop("gen_ai.tool.call.arguments"))
+        sp = Span(d["trace_id"], d["span_id"], d["parent_span_id"], d["name"], d["kind"], d["start_time_unix_nano"],
+                  d["end_time_unix_nano"], d["status"]["code"], d["status"]["message"], a, d["resource"])
+        sid = semconv.session_of(sp)
+        st, found = det.step(states.get(sid) or det.new_state(), sp, sp.end_ns)
+        states[sid] = st
+        hit.update(f.session_id for f in found if f.status == "open")
+    assert hit == set(sim.injected_sessions(11, 300, 12))
+
+
+# ----------------------------------------------------------------------------- OTLP JSON
+
+
+def _from_otlp(req: dict) -> list[dict]:
+    """Independent decoder of the OTLP JSON encoding back to flat spans."""
+
+    def val(v):
+        (k, x), = v.items()
+        return {"stringValue": str, "boolValue": bool, "doubleValue": float, "intValue": int}[k](x)
+
+    out = []
+    for rs in req["resourceSpans"]:
+        res = {a["key"]: val(a["value"]) for a in rs["resource"]["attributes"]}
+        for ss in rs["scopeSpans"]:
+            for s in ss["spans"]:
+                out.append({
+                    "trace_id": s["traceId"], "span_id": s["spanId"], "parent_span_id": s.get("parentSpanId"),
+                    "name": s["name"], "kind": {1: "INTERNAL", 3: "CLIENT"}[s["kind"]],
+                    "start_time_unix_nano": int(s["startTimeUnixNano"]),
+                    "end_time_unix_nano": int(s["endTimeUnixNano"]),
+                    "status": {"code": {1: "OK", 2: "ERROR"}[s["status"]["code"]],
+                               "message": s["status"].get("message", "")},
+                    "attributes": {a["key"]: val(a["value"]) for a in s["attributes"]},
+                    "resource": res,
+                })
+    return out
+
+
+def test_otlp_json_shape_and_round_trip(spans):
+    chunk = spans[:100]
+    req = sim.to_otlp_json(chunk)
+    assert list(req) == ["resourceSpans"]
+    for rs in req["resourceSpans"]:
+        assert set(rs) == {"resource", "scopeSpans"}
+        for sp in rs["scopeSpans"][0]["spans"]:
+            assert isinstance(sp["startTimeUnixNano"], str) and isinstance(sp["kind"], int)
+            assert sp["status"]["code"] in (1, 2)
+            for a in sp["attributes"]:
+                (typ, v), = a["value"].items()
+                assert typ in ("stringValue", "intValue", "doubleValue", "boolValue")
+                if typ == "intValue":
+                    assert isinstance(v, str) and int(v) >= 0
+    back = sorted(_from_otlp(req), key=lambda s: s["span_id"])
+    assert back == sorted(chunk, key=lambda s: s["span_id"])
+
+
+def test_otlp_json_parses_as_protobuf(spans):
+    """OTLP JSON is protobuf JSON except for hex ids; with ids as base64 it must parse strictly."""
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    req = sim.to_otlp_json(spans[:50])
+    for rs in req["resourceSpans"]:
+        for sp in rs["scopeSpans"][0]["spans"]:
+            for k in ("traceId", "spanId", "parentSpanId"):
+                if k in sp:
+                    sp[k] = base64.b64encode(bytes.fromhex(sp[k])).decode()
+    msg = json_format.ParseDict(req, ExportTraceServiceRequest())
+    first = msg.resource_spans[0].scope_spans[0].spans[0]
+    assert len(first.trace_id) == 16 and first.end_time_unix_nano > T0
+
+
+def test_otlp_json_file_chunks(tmp_path):
+    p = tmp_path / "otlp.jsonl"
+    n = sim.write_file(p, sim.generate(2, 30, T0, loops=2), "otlp_json")
+    lines = p.read_bytes().splitlines()
+    counts = [sum(len(rs["scopeSpans"][0]["spans"]) for rs in orjson.loads(l)["resourceSpans"]) for l in lines]
+    assert sum(counts) == n and max(counts) == sim.OTLP_SPANS_PER_REQUEST and len(lines) == -(-n // 100)
+
+
+def test_file_formats(tmp_path):
+    spans = list(sim.generate(4, 5, T0, loops=1))
+    p = tmp_path / "a.jsonl"
+    assert sim.write_file(p, spans, "jsonl") == len(spans)
+    assert [orjson.loads(l) for l in p.read_bytes().splitlines()] == spans
+    buf = io.BytesIO()
+    sim.write_file(buf, iter(spans), "json")
+    assert orjson.loads(buf.getvalue()) == spans
+    with pytest.raises(ValueError, match="unknown format"):
+        sim.write_file(io.BytesIO(), spans, "xml")
+
+
+# ----------------------------------------------------------------------------- Kafka side (no broker)
+
+
+def test_messages_group_by_session_and_keep_order(spans):
+    seen: dict[bytes, list[str]] = defaultdict(list)
+    total = 0
+    for key, value, n in sim.messages(spans, batch=50):
+        arr = orjson.loads(value)
+        assert len(arr) == n and {s["attributes"]["gen_ai.conversation.id"] for s in arr} == {key.decode()}
+        seen[key] += [s["span_id"] for s in arr]
+        total += n
+    assert total == len(spans)
+    for key, ids in seen.items():
+        expected = [s["span_id"] for s in spans if s["attributes"]["gen_ai.conversation.id"] == key.decode()]
+        assert ids == expected
+
+
+def test_messages_respect_max_bytes():
+    spans = sim.build_session(1, 0, T0)
+    msgs = list(sim.messages(spans, batch=1000, max_bytes=3000))
+    assert len(msgs) > 1 and all(len(v) <= 3000 for _, v, _ in msgs)
+    assert sum(n for *_, n in msgs) == len(spans)
+
+
+class FakeProducer:
+    def __init__(self):
+        self.sent: list[tuple[str, bytes, bytes, int]] = []
+
+    async def send(self, topic, value=None, key=None):
+        self.sent.append((topic, key, value, time.time_ns()))
+
+
+async def test_publish_paces_and_keys():
+    spans = list(sim.generate(6, 20, T0, loops=1))[:120]
+    fake = FakeProducer()
+    t = time.monotonic()
+    stats = await sim.publish(Settings(), spans, rate=600, producer=fake)
+    elapsed = time.monotonic() - t
+    assert stats.spans == 120 and stats.messages == len(fake.sent)
+    assert 0.12 <= elapsed < 2.0  # ~0.2 s at 600 spans/s
+    assert all(topic == "agent.spans" for topic, *_ in fake.sent)
+    for _, key, value, _ in fake.sent:
+        assert {s["attributes"]["gen_ai.conversation.id"] for s in orjson.loads(value)} == {key.decode()}
+
+
+async def test_run_live_uses_wall_clock_and_never_sends_the_future():
+    fake = FakeProducer()
+    t0 = time.time_ns()
+    stats = await sim.run_live(Settings(), seed=3, sessions_per_s=30, loop_every=3, duration_s=0.4,
+                               time_scale=0.002, drain=True, producer=fake)
+    assert stats.sessions >= 5 and stats.injected == stats.sessions // 3
+    sent = [(s, at) for _, _, value, at in fake.sent for s in orjson.loads(value)]
+    assert len(sent) == stats.spans
+    for s, at in sent:
+        assert t0 - S < s["start_time_unix_nano"] and s["end_time_unix_nano"] <= at
+    injected = [s for s, _ in sent if "sim.injected" in s["attributes"]]
+    assert len(injected) == stats.injected
+    assert all(s["attributes"]["gen_ai.conversation.id"] != sim.session_id(3, 0) for s, _ in sent)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        asyncio.run(sim.publish(Settings(), [], rate=0, producer=FakeProducer()))
+    with pytest.raises(ValueError):
+        list(sim.generate(1, -1, T0, loops=0))
+    with pytest.raises(ValueError):
+        sim.build_session(1, 0, T0, kind="teleport")
