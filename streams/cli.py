@@ -124,6 +124,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(duration_s=args.duration, seed=args.seed)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import main as bench_main
+
+    print(bench_main(sessions=args.sessions, memory_sessions=args.memory_sessions))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="breakwater", description="Stop runaway LLM agents while they run.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     d.add_argument("--seed", type=int, default=7)
     d.set_defaults(fn=cmd_dev)
+    b = sub.add_parser("bench", help="throughput and memory, as ratios to a ceiling measured in the same run")
+    b.add_argument("--sessions", type=int, default=2000, help="simulated sessions in the replay file")
+    b.add_argument("--memory-sessions", type=int, default=50_000)
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -5,7 +5,7 @@ input order). Bad lines are counted on stderr by reason and never stop the run.
 
 >>> import io
 >>> line = b'{"trace_id": "%s", "span_id": "%s", "name": "t", "start_time_unix_nano": %d, "end_time_unix_nano": %d, "attributes": {"gen_ai.tool.name": "ls", "tool.payload_hash": "h", "session.id": "s"}}'
->>> data = b"\\n".join(line % (b"a" * 32, b"%016x" % i, i, i) for i in range(1, 4)) + b"\\nnot json\\n"
+>>> data = b"\\n".join(line % (b"a" * 32, b"%016x" % i, i, i) for i in range(1, 4)) + b"\\n{not json\\n"
 >>> out, cmds = io.BytesIO(), io.BytesIO()
 >>> stats = run([io.BytesIO(data)], out, cmds)
 >>> stats.spans, stats.incidents, stats.commands, dict(stats.rejected)
@@ -26,6 +26,7 @@ from streams.pipeline import SessionPipeline, SessionState
 from streams.policy import Policy
 
 EVICT_EVERY_NS = 60 * 10**9
+REPLAY_LIMITS = Limits(max_message_bytes=1 << 40, max_spans_per_message=1 << 40)
 
 
 @dataclass
@@ -98,7 +99,8 @@ def run(
     limits: Limits | None = None,
 ) -> ReplayStats:
     rep = Replayer(policy)
-    kw = {"limits": limits} if limits is not None else {}
+    # A replay file may be one big JSON array: the Kafka message limits do not apply to it.
+    kw = {"limits": limits or REPLAY_LIMITS}
 
     def emit(outputs: list) -> None:
         for o in outputs:

@@ -281,6 +281,21 @@ def test_detector_finds_exactly_the_injected_sessions(spans):
     assert hit == set(sim.injected_sessions(11, 300, 12))
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "otlp_json"])
+def test_replay_end_to_end_finds_the_injected_sessions(fmt):
+    """simulate → file → ``breakwater replay``: incidents for exactly the injected sessions, no raw args."""
+    from streams.replay import run
+
+    buf = io.BytesIO()
+    sim.write_file(buf, sim.generate(8, 120, T0, loops=6), fmt)
+    out, cmds = io.BytesIO(), io.BytesIO()
+    stats = run([io.BytesIO(buf.getvalue())], out, cmds)
+    assert not stats.rejected
+    incidents = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert {i["session_id"] for i in incidents if i["status"] == "open"} == set(sim.injected_sessions(8, 120, 6))
+    assert b"call.arguments" not in out.getvalue() + cmds.getvalue()
+
+
 # ----------------------------------------------------------------------------- OTLP JSON
 
 

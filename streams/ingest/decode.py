@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from streams.ingest.flat import Bad, Ctx, check_depth, flat_span
+from streams.ingest.flat import Bad, Ctx, check_depth, flat_span, json_has_long_run
 from streams.ingest.limits import DEFAULT_LIMITS, Limits
 from streams.ingest.otlp import Sink, json_count, json_request, pb_count, pb_request
 from streams.models import Rejection, Span
@@ -161,6 +161,8 @@ def _json_error(data: bytes, e: orjson.JSONDecodeError, where: str) -> Rejection
 
 def _json(data: bytes, ctx: Ctx, limits: Limits, raw: bytes | bool) -> Decoded:
     """``raw`` is the original payload when leading bytes were skipped, else False."""
+    if ctx.trunc:
+        ctx.trunc = json_has_long_run(data, limits.max_string_bytes)
     try:
         docs: list[tuple[int | None, Any]] = [(None, orjson.loads(data))]
     except orjson.JSONDecodeError as e:

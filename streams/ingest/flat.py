@@ -96,6 +96,43 @@ class Ctx:
         self.trunc = size > limits.max_string_bytes
 
 
+def json_has_long_run(data: bytes, m: int) -> bool:
+    """False only if no JSON string in ``data`` can decode to more than ``m`` UTF-8 bytes.
+
+    A string never decodes to more bytes than its JSON encoding, and its encoding contains no
+    unescaped ``"``.  So if every window of ``m // 2`` bytes holds an unescaped quote, no
+    quote-free run (and no string) reaches ``m`` bytes.  That is a few ``bytes.find`` calls per
+    message instead of a length check per attribute value.  Conservative: True when unsure.
+
+    >>> json_has_long_run(b'["' + b"x" * 10 + b'"]', 8), json_has_long_run(b'["a", "b"]' * 4, 8)
+    (True, False)
+    """
+    n = len(data)
+    if n <= m:
+        return False
+    k = m // 2
+    if k < 2:
+        return True
+    find = data.find
+    for a in range(0, n - k + 1, k):
+        b = a + k
+        p = find(b'"', a, b)
+        tries = 0
+        while p >= 0:
+            q = p
+            while q > 0 and data[q - 1] == 0x5C:  # backslashes before the quote
+                q -= 1
+            if not (p - q) & 1:
+                break  # an unescaped quote: this window is fine
+            tries += 1
+            if tries > 32:
+                return True
+            p = find(b'"', p + 1, b)
+        else:
+            return True
+    return False
+
+
 # ----------------------------------------------------------------------------------- values
 
 

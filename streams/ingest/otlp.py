@@ -247,6 +247,7 @@ def attrs_kv(lst: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
         raise _too_many(what, ctx)
     out: dict[str, Any] = {}
     trunc = ctx.trunc
+    lim4 = ctx.max_str >> 2
     for kv in lst:
         try:
             k = kv["key"]
@@ -255,11 +256,23 @@ def attrs_kv(lst: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
             k, av = _kv(kv, what)
         if type(k) is not str:
             raise Bad("bad_span", f"{what}: key is not a string")
-        if type(av) is dict:
+        if type(av) is dict:  # fast paths for the common scalar encodings
             v = av.get("stringValue")
-            if type(v) is str:
-                out[k] = trunc_str(v, ctx.max_str) if trunc else v
-                continue
+            if v is not None:
+                if type(v) is str:
+                    out[k] = trunc_str(v, ctx.max_str) if trunc and len(v) > lim4 else v
+                    continue
+            else:
+                v = av.get("intValue")
+                if v is not None:
+                    if type(v) is str and len(v) < 19 and v.isdigit() and v.isascii():
+                        out[k] = int(v)
+                        continue
+                else:
+                    v = av.get("doubleValue")
+                    if type(v) is float:
+                        out[k] = v
+                        continue
         _json_into(out, k, av, 1, ctx, what)
     if len(out) > ctx.max_attrs:
         raise _too_many(what, ctx)
@@ -340,11 +353,17 @@ def json_span(d: Any, res: dict[str, Any], ctx: Ctx) -> Span:
     st = g("startTimeUnixNano")
     if st is None:
         st = g("start_time_unix_nano")
-    st = _ts(st, "startTimeUnixNano")
+    if type(st) is str and 0 < len(st) < 20 and st.isdigit() and st.isascii() and st[0] != "0":
+        st = int(st)
+    else:
+        st = _ts(st, "startTimeUnixNano")
     en = g("endTimeUnixNano")
     if en is None:
         en = g("end_time_unix_nano")
-    en = _ts(en, "endTimeUnixNano")
+    if type(en) is str and 0 < len(en) < 20 and en.isdigit() and en.isascii() and en[0] != "0":
+        en = int(en)
+    else:
+        en = _ts(en, "endTimeUnixNano")
     if en < st:
         raise Bad("bad_timestamp", "endTimeUnixNano is before startTimeUnixNano")
     s = g("status")
