@@ -87,13 +87,15 @@ class Ctx:
     (False, True)
     """
 
-    __slots__ = ("max_attrs", "max_depth", "max_str", "trunc")
+    __slots__ = ("max_attrs", "max_depth", "max_str", "trunc", "res_raw", "res")
 
     def __init__(self, limits: Limits, size: int) -> None:
         self.max_attrs = limits.max_attributes
         self.max_depth = limits.max_depth
         self.max_str = limits.max_string_bytes
         self.trunc = size > limits.max_string_bytes
+        self.res_raw: Any = None  # last flat-span resource (raw) and its normalized dict
+        self.res: dict[str, Any] = {}
 
 
 def json_has_long_run(data: bytes, m: int) -> bool:
@@ -459,6 +461,18 @@ def _status_flat(s: Any) -> tuple[str, str]:
     return norm_status(s), ""
 
 
+def _all_str(d: dict[str, Any]) -> bool:
+    """True if every value is a str, or a dict of str (the SDK ``{"attributes": {...}}`` shape)."""
+    for v in d.values():
+        if type(v) is not str:
+            if type(v) is not dict:
+                return False
+            for x in v.values():
+                if type(x) is not str:
+                    return False
+    return True
+
+
 def _events_flat(evs: Any, ctx: Ctx) -> list[SpanEvent]:
     if type(evs) is not list:
         raise Bad("bad_span", "events is not an array")
@@ -568,12 +582,20 @@ def flat_span(d: dict[str, Any], ctx: Ctx) -> Span:
     r = g("resource")
     if r is None:
         res: dict[str, Any] = {}
+    elif r == ctx.res_raw:  # same resource as the previous span: share its normalized dict
+        res = ctx.res
     else:
+        raw = r
         if type(r) is dict:
             ra = r.get("attributes")
             if type(ra) is dict or type(ra) is list:  # SDK / OTLP shape {"attributes": {...}}
                 r = ra
         res = attrs_dict(r, ctx, "resource", False)
+        # Cache only all-string resources: == on str is exact (1 == 1.0 == True is not).  If
+        # normalization changed the dict in place, the next original simply will not match.
+        if _all_str(raw):
+            ctx.res_raw = raw
+            ctx.res = res
     e = g("events")
     events = _events_flat(e, ctx) if e else []
     if ctx.trunc:

@@ -252,27 +252,27 @@ def attrs_kv(lst: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
         try:
             k = kv["key"]
             av = kv["value"]
-        except (KeyError, TypeError):
-            k, av = _kv(kv, what)
-        if type(k) is not str:
-            raise Bad("bad_span", f"{what}: key is not a string")
-        if type(av) is dict:  # fast paths for the common scalar encodings
             v = av.get("stringValue")
+        except Exception:  # not {key, value: {...}}: the careful path names the problem
+            k, av = _kv(kv, what)
+            _json_into(out, k, av, 1, ctx, what)
+            continue
+        # fast paths for the common scalar encodings; a non-str key fails later as bad_span
+        if v is not None:
+            if type(v) is str:
+                out[k] = trunc_str(v, ctx.max_str) if trunc and len(v) > lim4 else v
+                continue
+        else:
+            v = av.get("intValue")
             if v is not None:
-                if type(v) is str:
-                    out[k] = trunc_str(v, ctx.max_str) if trunc and len(v) > lim4 else v
+                if type(v) is str and len(v) < 19 and v.isdigit() and v.isascii():
+                    out[k] = int(v)
                     continue
             else:
-                v = av.get("intValue")
-                if v is not None:
-                    if type(v) is str and len(v) < 19 and v.isdigit() and v.isascii():
-                        out[k] = int(v)
-                        continue
-                else:
-                    v = av.get("doubleValue")
-                    if type(v) is float:
-                        out[k] = v
-                        continue
+                v = av.get("doubleValue")
+                if type(v) is float:
+                    out[k] = v
+                    continue
         _json_into(out, k, av, 1, ctx, what)
     if len(out) > ctx.max_attrs:
         raise _too_many(what, ctx)
