@@ -1,19 +1,20 @@
-"""faust wiring: topics declared once, two agents, one table. No detection logic lives here.
+"""faust wiring: topics declared once, one ingest agent, one agent + table per keyed stage.
 
 Data flow (SPEC §2)::
 
-    agent.spans ─┐                         ┌─► agent.incidents
-                 ├─► ingest ─► <app>.spans-by-session ─► detect ─┤
-    otlp_spans  ─┘     │        (keyed by session)      (table)  └─► agent.breaker (compacted)
+    agent.spans ─┐            ┌─► <app>.spans-by-session  ─► detect-session  (loop)    ─┐
+                 ├─► ingest ──┼─► <app>.spans-by-trace    ─► detect-trace    (silent)  ─┼─► agent.incidents
+    otlp_spans  ─┘     │      └─► <app>.spans-by-workflow ─► detect-workflow (deadlock)─┘   agent.breaker
                        └─► agent.spans.dlq
 
-* ``ingest`` decodes a batch of Kafka messages (each carrying many spans), groups the spans by
-  session and sends **one** message per session per batch to the repartition topic; bad input goes
-  to the DLQ with reason headers.
-* ``detect`` takes a batch of repartitioned messages, and for every session in it loads the state
-  once, runs :class:`streams.pipeline.SessionPipeline`, and stores the state once (RocksDB +
-  changelog). So faust's per-event and per-table-write costs are paid per (session, batch), never
-  per span (SPEC §9).
+* ``ingest`` decodes a batch of Kafka messages (each carrying many spans) and, for every stage,
+  sends **one** message per key per batch to that stage's repartition topic; bad input goes to the
+  DLQ with reason headers.
+* each ``detect-*`` agent takes a batch of repartitioned messages, and for every key in it loads
+  the state once, runs the stage (:mod:`streams.stages`, the same code replay runs), and stores the
+  state once (RocksDB + changelog). So faust's per-event and per-table-write costs are paid per
+  (key, batch), never per span (SPEC §9). Timers fire when the watermark passes them; a wall-clock
+  tick keeps quiet partitions advancing.
 * Offsets are committed by faust only after the producer has flushed what the batch sent
   (at-least-once); incident and command ids are deterministic, so a replayed batch re-publishes the
   same records and consumers de-duplicate by key.
@@ -22,6 +23,7 @@ Data flow (SPEC §2)::
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 import weakref
@@ -34,35 +36,42 @@ import orjson
 from aiokafka.partitioner import murmur2
 from faust.streams import _current_event
 
-from streams import metrics, semconv
+from streams import metrics, ops, semconv
 from streams.ingest import Limits, decode
-from streams.models import Span
-from streams.pipeline import SessionPipeline
+from streams.models import Rejection, Span
+from streams.stages import build_stages, group
 from streams.policy import Policy
 from streams.settings import Settings
 
 log = logging.getLogger("breakwater")
 
-TABLE_NAME = "sessions"
+STAGE_TABLES = {"session": "sessions", "trace": "traces", "workflow": "workflows"}
+
+
+def stage_topic(settings: Settings, stage: str) -> str:
+    """The internal repartition topic of a stage (spans keyed by session / trace / workflow)."""
+    return f"{settings.app_id}.spans-by-{stage}"
 
 
 def topic_specs(settings: Settings) -> list[tuple[str, int, dict[str, str]]]:
     """Every topic the worker needs, with partitions and configs, created before faust starts.
 
     Creating them up front matters: a broker that auto-creates topics on first metadata request
-    would otherwise pick its own partition count, and the session table's changelog must have as
-    many partitions as the repartition topic.
+    would otherwise pick its own partition count, and each stage table's changelog must have as
+    many partitions as its repartition topic.
     """
     n = settings.partitions
-    return [
+    specs = [
         (settings.topic_spans, n, {}),
         (settings.topic_otlp, n, {}),
         (settings.topic_incidents, n, {}),
         (settings.topic_breaker, n, {"cleanup.policy": "compact"}),
         (settings.topic_dlq, n, {}),
-        (settings.repartition_topic, n, {}),
-        (f"{settings.app_id}-{TABLE_NAME}-changelog", n, {"cleanup.policy": "compact"}),
     ]
+    for stage, table in STAGE_TABLES.items():
+        specs.append((stage_topic(settings, stage), n, {}))
+        specs.append((f"{settings.app_id}-{table}-changelog", n, {"cleanup.policy": "compact"}))
+    return specs
 
 
 def _credentials(settings: Settings) -> Any:
@@ -120,49 +129,40 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
     )
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(settings.topic_spans, settings.topic_otlp, **raw)
-    by_session = app.topic(settings.repartition_topic, partitions=settings.partitions, **raw)
     incidents = app.topic(settings.topic_incidents, **raw)
     breaker = app.topic(settings.topic_breaker, **raw)
     dlq = app.topic(settings.topic_dlq, **raw)
-    table = app.Table(TABLE_NAME, default=None, key_type=bytes, value_type=bytes,
-                      partitions=settings.partitions)
     limits = Limits(max_message_bytes=settings.max_message_bytes)
-    pipe = SessionPipeline(policy)
     lateness_ns = policy.allowed_lateness_ns
-    ttl_ns = int(max([policy.loop_policy(None).session_ttl_s]
-                     + [policy.loop_policy(t).session_ttl_s for t in policy.spec.tenants]) * 1e9)
     n_parts = settings.partitions
 
-    # per partition: max event time seen, and sessions in order of last update (for TTL eviction)
-    max_event: dict[int, int] = {}
-    index: dict[int, OrderedDict[bytes, int]] = {}
-    needs_scan = {"flag": True}
+    async def publish(outs: list) -> None:
+        for o in outs:
+            if o.kind == "incident":
+                await incidents.send(key=o.key, value=o.value)
+                metrics.incident_published(o)
+            else:
+                await breaker.send(key=o.key, value=o.value)
+                metrics.COMMANDS.labels(action=o.status, mode=o.mode).inc()
+
+    wired = [
+        KeyedStage(app, stage, app.topic(stage_topic(settings, stage.name), partitions=n_parts, **raw),
+                   app.Table(STAGE_TABLES[stage.name], default=None, key_type=bytes, value_type=bytes,
+                             partitions=n_parts),
+                   n_parts, lateness_ns, idle_ttl_ns(policy, stage.name), publish,
+                   settings.batch_max, settings.batch_within_s)
+        for stage in build_stages(policy)
+    ]
 
     @app.on_partitions_revoked.connect
     async def _on_revoked(app_: Any, revoked: Any, **_: Any) -> None:  # noqa: ARG001
-        index.clear()
-        needs_scan["flag"] = True
+        for w in wired:
+            w.reset()
 
     @app.on_partitions_assigned.connect
     async def _on_assigned(app_: Any, assigned: Any, **_: Any) -> None:  # noqa: ARG001
-        needs_scan["flag"] = True
-
-    def rebuild_index() -> None:
-        """After a (re)assignment, learn every stored session so TTL eviction covers it too."""
-        index.clear()
-        found = 0
-        for key, value in table.items():
-            try:
-                last = orjson.loads(value)["last_seen_ns"]
-            except Exception:  # a corrupt value is evicted at once
-                last = 0
-            index.setdefault(partition_for(key, n_parts), OrderedDict())[key] = last
-            found += 1
-        for od in index.values():  # oldest first, so eviction pops from the front
-            for k, _ in sorted(od.items(), key=lambda kv: kv[1]):
-                od.move_to_end(k)
-        metrics.TRACKED_KEYS.labels(scope="session").set(found)
-        needs_scan["flag"] = False
+        for w in wired:
+            w.reset()
 
     async def send_dlq(ev: Any, rejections: list) -> None:
         first = rejections[0]
@@ -187,18 +187,15 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
     async def ingest(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             t0 = time.perf_counter()
-            groups: dict[str, list] = {}
+            spans: list[Span] = []
             for ev in events:
                 try:
                     d = decode(ev.value or b"", limits=limits)
                 except Exception as exc:  # decode never raises (fuzzed); this is the last guard
                     log.error("ingest: decoder failed on %s[%d]@%d: %s", ev.message.topic,
                               ev.message.partition, ev.message.offset, type(exc).__name__)
-                    from streams.models import Rejection
-
-                    d_rej = [Rejection("internal_error", type(exc).__name__)]
                     metrics.REJECTIONS.labels(reason="internal_error").inc()
-                    await send_dlq(ev, d_rej)
+                    await send_dlq(ev, [Rejection("internal_error", type(exc).__name__)])
                     continue
                 if d.rejections:
                     for r in d.rejections:
@@ -206,79 +203,210 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                     await send_dlq(ev, d.rejections)
                 if d.spans:
                     metrics.SPANS_IN.labels(format=d.format).inc(len(d.spans))
-                    for s in d.spans:
-                        groups.setdefault(semconv.session_of(s), []).append(s.to_wire())
-            for session, wires in groups.items():
-                await by_session.send(key=session.encode(), value=orjson.dumps(wires))
+                    spans.extend(d.spans)
+            wires: dict[int, Any] = {}
+            for w in wired:
+                for key, group_spans in group(w.stage, spans).items():
+                    payload = []
+                    for s in group_spans:
+                        wire = wires.get(id(s))
+                        if wire is None:
+                            wire = wires[id(s)] = s.to_wire()
+                        payload.append(wire)
+                    await w.topic.send(key=key.encode(), value=orjson.dumps(payload))
             metrics.BATCH_SECONDS.labels(stage="ingest").observe(time.perf_counter() - t0)
 
-    @app.agent(by_session, name="detect")
-    async def detect(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            t0 = time.perf_counter()
-            if needs_scan["flag"]:
-                rebuild_index()
-            by_part: dict[int, list] = {}
-            for ev in events:
-                by_part.setdefault(ev.message.partition, []).append(ev)
-            token = None
-            try:
-                for part, evs in by_part.items():
-                    # faust routes table writes (RocksDB db + changelog partition) by the "current
-                    # event"; a batch spans partitions, so make one of this partition current.
-                    token = _current_event.set(weakref.ref(evs[-1]))
-                    await process_partition(part, evs)
-                    _current_event.reset(token)
-                    token = None
-            finally:
-                if token is not None:
-                    _current_event.reset(token)
-            metrics.BATCH_SECONDS.labels(stage="detect").observe(time.perf_counter() - t0)
+    for w in wired:
+        w.install()
 
-    async def process_partition(part: int, evs: list) -> None:
-        sessions: dict[bytes, list[Span]] = {}
-        hi = max_event.get(part, 0)
+    @app.timer(interval=settings.wall_tick_s)
+    async def wall_clock_tick() -> None:
+        """Quiet partitions still advance: an empty message to every owned stage partition."""
+        assigned = app.consumer.assignment()
+        for w in wired:
+            for tp in assigned:
+                if tp.topic == w.topic.get_topic_name():
+                    await w.topic.send(key=None, value=TICK, partition=tp.partition)
+
+    ops.install(app, settings)  # /metrics, /healthz, /readyz on their own port; lag sampling
+    return Breakwater(app=app, settings=settings, policy=policy)
+
+
+TICK = b""
+
+
+def idle_ttl_ns(policy: Policy, stage: str) -> int:
+    """Event time after its last span past which a stage's state may be gone (eviction sweep bound)."""
+    if stage == "session":
+        return int(policy.max_ttl_s("no_progress_loop", "session_ttl_s") * 1e9)
+    if stage == "trace":
+        return int((policy.max_ttl_s("silent_success", "orphan_ttl_s")
+                    + policy.max_ttl_s("silent_success", "retention_s")) * 1e9)
+    return int(policy.max_ttl_s("plan_deadlock", "workflow_ttl_s") * 1e9)
+
+
+class KeyedStage:
+    """One stage wired to faust: its repartition topic, its table, timers and TTL sweep.
+
+    Per partition it keeps the max event time seen, a heap of timer deadlines and the keys in order
+    of last update (all rebuilt from the table after a rebalance). The live watermark is the max
+    event time minus the allowed lateness, and never less than the wall clock minus the lateness
+    (ticks), so quiet partitions still fire their timers.
+    """
+
+    def __init__(self, app: faust.App, stage: Any, topic: Any, table: Any, n_parts: int,
+                 lateness_ns: int, idle_ns: int, publish: Any, batch_max: int = 2000,
+                 batch_within_s: float = 0.05) -> None:
+        self.app = app
+        self.batch_max = batch_max
+        self.batch_within_s = batch_within_s
+        self.stage = stage
+        self.topic = topic
+        self.table = table
+        self.n_parts = n_parts
+        self.lateness_ns = lateness_ns
+        self.idle_ns = idle_ns
+        self.publish = publish
+        self.max_event: dict[int, int] = {}
+        self.heaps: dict[int, list[tuple[int, bytes]]] = {}
+        self.index: dict[int, OrderedDict[bytes, int]] = {}
+        self.next_sweep: dict[int, int] = {}
+        self.needs_scan = True
+
+    def reset(self) -> None:
+        self.heaps.clear()
+        self.index.clear()
+        self.next_sweep.clear()
+        self.needs_scan = True
+
+    def install(self) -> None:
+        async def agent(stream: Any) -> None:
+            async for events in stream.take_events(self.batch_max, within=self.batch_within_s):
+                await self.process(events)
+
+        agent.__name__ = f"detect_{self.stage.name}"
+        self.app.agent(self.topic, name=f"detect-{self.stage.name}")(agent)
+
+    def scan(self) -> None:
+        """After a (re)assignment: learn every stored key, its last event time and its timer."""
+        self.reset()
+        found = 0
+        stage = self.stage
+        for key, value in self.table.items():
+            p = partition_for(key, self.n_parts)
+            try:
+                st = stage.load(value)
+                last = stage.last_seen(st)
+                d = stage.next_deadline(st)
+            except Exception:  # an unreadable value is evicted at the next sweep
+                last, d = 0, None
+            self.index.setdefault(p, OrderedDict())[key] = last
+            if d is not None:
+                heapq.heappush(self.heaps.setdefault(p, []), (d, key))
+            found += 1
+        for od in self.index.values():
+            for k, _ in sorted(od.items(), key=lambda kv: kv[1]):
+                od.move_to_end(k)
+        metrics.set_tracked_keys(stage.name, found)
+        self.needs_scan = False
+
+    async def process(self, events: list) -> None:
+        t0 = time.perf_counter()
+        if self.needs_scan:
+            self.scan()
+        by_part: dict[int, list] = {}
+        for ev in events:
+            by_part.setdefault(ev.message.partition, []).append(ev)
+        for part, evs in by_part.items():
+            # faust routes table writes (RocksDB db + changelog partition) by the "current event";
+            # a batch spans partitions, so make one of this partition current while we write.
+            token = _current_event.set(weakref.ref(evs[-1]))
+            try:
+                await self.process_partition(part, evs)
+            finally:
+                _current_event.reset(token)
+        metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - t0)
+        metrics.set_tracked_keys(self.stage.name, sum(len(v) for v in self.index.values()))
+
+    async def process_partition(self, part: int, evs: list) -> None:
+        stage, table = self.stage, self.table
+        groups: dict[bytes, list[Span]] = {}
+        hi = self.max_event.get(part, 0)
+        ticked = False
         for ev in evs:
+            if not ev.value:
+                ticked = True
+                continue
             spans = [Span.from_wire(w) for w in orjson.loads(ev.value)]
             for s in spans:
                 if s.end_ns > hi:
                     hi = s.end_ns
-            sessions.setdefault(ev.key, []).extend(spans)
-        max_event[part] = hi
-        wm = hi - lateness_ns
-        idx = index.setdefault(part, OrderedDict())
-        now = time.time()
-        for key, spans in sessions.items():
+            groups.setdefault(ev.key, []).extend(spans)
+        if ticked:
+            hi = max(hi, time.time_ns())
+        self.max_event[part] = hi
+        wm = hi - self.lateness_ns
+        heap = self.heaps.setdefault(part, [])
+        idx = self.index.setdefault(part, OrderedDict())
+        for key, spans in groups.items():
             raw = table.get(key)
-            st = pipe.load(raw) if raw else pipe.new_state()
-            st, outs = pipe.step(st, spans, wm)
-            table[key] = pipe.dump(st)
-            idx[key] = st.last_seen_ns
+            st = stage.load(raw) if raw else stage.new_state()
+            st, outs = stage.step(st, spans, wm)
+            table[key] = stage.dump(st)
+            idx[key] = stage.last_seen(st)
             idx.move_to_end(key)
-            for o in outs:
-                if o.kind == "incident":
-                    await incidents.send(key=o.key, value=o.value)
-                    metrics.INCIDENTS.labels(detector=o.detector, status=o.status).inc()
-                    metrics.DETECTION_LATENCY.observe(max(0.0, now - o.detected_at_ns / 1e9))
-                else:
-                    await breaker.send(key=o.key, value=o.value)
-                    mode = "shadow" if b'"mode":"shadow"' in o.value else "enforce"
-                    metrics.COMMANDS.labels(action=o.status, mode=mode).inc()
-        # TTL eviction on event time: oldest-updated sessions sit at the front
-        evicted = 0
-        while idx:
-            key, last = next(iter(idx.items()))
-            if last + ttl_ns >= wm:
-                break
-            idx.popitem(last=False)
-            if table.get(key) is not None:
+            d = stage.next_deadline(st)
+            if d is not None:
+                heapq.heappush(heap, (d, key))
+            await self.publish(outs)
+        # timers the watermark has passed
+        fired: dict[bytes, int] = {}
+        while heap and heap[0][0] <= wm:
+            _, key = heapq.heappop(heap)
+            if key in fired:
+                continue
+            raw = table.get(key)
+            if raw is None:
+                continue
+            st = stage.load(raw)
+            d = stage.next_deadline(st)
+            if d is None or d > wm:
+                continue
+            st, outs = stage.advance(st, wm)
+            await self.publish(outs)
+            fired[key] = 1
+            if stage.expired(st, wm):
                 del table[key]
-            evicted += 1
-        if evicted:
-            metrics.EVICTIONS.labels(scope="session").inc(evicted)
-        metrics.TRACKED_KEYS.labels(scope="session").set(sum(len(v) for v in index.values()))
-
-    return Breakwater(app=app, settings=settings, policy=policy)
+                idx.pop(key, None)
+                metrics.EVICTIONS.labels(scope=stage.name).inc()
+                continue
+            table[key] = stage.dump(st)
+            d = stage.next_deadline(st)
+            if d is not None:
+                heapq.heappush(heap, (max(d, wm + 1), key))
+        # TTL sweep of idle keys (oldest update first)
+        if wm >= self.next_sweep.get(part, 0):
+            self.next_sweep[part] = wm + 10**10
+            evicted = 0
+            while idx:
+                key, last = next(iter(idx.items()))
+                if last + self.idle_ns >= wm:
+                    break
+                idx.popitem(last=False)
+                raw = table.get(key)
+                if raw is None:
+                    continue
+                st = stage.load(raw)
+                st, outs = stage.advance(st, wm)
+                await self.publish(outs)
+                if stage.expired(st, wm) or stage.last_seen(st) + self.idle_ns < wm:
+                    del table[key]
+                    evicted += 1
+                else:  # still alive (a timer pending): keep it, at the back
+                    table[key] = stage.dump(st)
+                    idx[key] = stage.last_seen(st)
+            if evicted:
+                metrics.EVICTIONS.labels(scope=stage.name).inc(evicted)
 
 
 async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:

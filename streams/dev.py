@@ -39,6 +39,9 @@ class WorkerProcess:
         self.log_path = log_path or str(Path(data_dir) / "worker.log")
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        from streams.broker import free_port
+
+        self.metrics_port = int((extra_env or {}).get("BREAKWATER_METRICS_PORT") or free_port())
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -48,6 +51,7 @@ class WorkerProcess:
             BREAKWATER_DATA_DIR=str(Path(self.data_dir) / "state"),
             BREAKWATER_GROUP_SESSION_TIMEOUT_S="3",
             BREAKWATER_GROUP_REBALANCE_TIMEOUT_S="3",
+            BREAKWATER_METRICS_PORT=str(self.metrics_port),
         )
         env.update(self.extra_env)
         return env

@@ -1,37 +1,176 @@
 """Prometheus metrics, declared once. Labels never carry payload content or unbounded ids.
 
+Every label value comes from a small closed set (input formats, rejection reasons, detector
+names, severities, actions, modes, topics and partitions); tenants, sessions and routes never
+become labels. Known label combinations are created at import with value 0, so a counter exists
+before its first increment: ``increase()`` in an alert then sees the first incident too, and
+"no spans at all" is a 0 rate rather than a missing series.
+
+The worker serves them on their own port (:mod:`streams.ops`), beside ``/healthz`` and
+``/readyz``; ``deploy/grafana/dashboard.json`` and ``deploy/prometheus/rules.yaml`` use only
+the names declared here (a test checks).
+
 >>> SPANS_IN.labels(format="flat").inc(0)
->>> "breakwater_spans_in_total" in [m.name + "_total" for m in REGISTRY.collect()]
+>>> "breakwater_spans_in_total" in sample_names()
 True
+>>> sorted(n for n in declared_names() if n.startswith("breakwater_incidents"))
+['breakwater_incidents_total']
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from streams import __version__ as _version
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-SPANS_IN = Counter("breakwater_spans_in", "Spans decoded, by input format.", ["format"], registry=REGISTRY)
-REJECTIONS = Counter("breakwater_rejections", "Rejected input, by reason.", ["reason"], registry=REGISTRY)
-INCIDENTS = Counter(
-    "breakwater_incidents", "Incidents published, by detector and status.", ["detector", "status"],
+#: Detectors of SPEC §4 and the scope of the state each keeps (session-scoped detectors share
+#: the session table, so they track the same keys).
+DETECTORS: dict[str, str] = {
+    "no_progress_loop": "session",
+    "retry_storm": "route",
+    "cost_velocity": "session",
+    "plan_deadlock": "workflow",
+    "silent_success": "trace",
+}
+#: Detectors whose state lives in the live worker's session table today.
+SESSION_TABLE_DETECTORS: tuple[str, ...] = ("no_progress_loop",)
+FORMATS = ("flat", "otlp_json", "otlp_proto")
+REJECTION_REASONS = (
+    "oversized", "not_utf8", "bad_json", "bad_otlp", "bad_span", "bad_id", "bad_timestamp",
+    "too_many_attributes", "too_deep", "bad_input", "internal_error",
+)
+SEVERITIES = ("warning", "critical")
+INCIDENT_STATUSES = ("open", "updated", "resolved")
+ACTIONS = ("halt", "trip", "throttle", "hold", "release")
+MODES = ("enforce", "shadow")
+
+SPANS_IN = Counter(
+    "breakwater_spans_in", "Spans decoded from the input topics, by input format.", ["format"],
     registry=REGISTRY,
 )
+REJECTIONS = Counter(
+    "breakwater_rejections", "Rejected input (sent to the DLQ), by reason; one per bad span or message.",
+    ["reason"], registry=REGISTRY,
+)
+INCIDENTS = Counter(
+    "breakwater_incidents", "Incident records published, by detector, severity and status (open/updated/resolved).",
+    ["detector", "severity", "status"], registry=REGISTRY,
+)
 COMMANDS = Counter(
-    "breakwater_breaker_commands", "Breaker commands published, by action and mode.", ["action", "mode"],
-    registry=REGISTRY,
+    "breakwater_breaker_commands", "Breaker commands published, by action and mode (enforce/shadow).",
+    ["action", "mode"], registry=REGISTRY,
 )
 DETECTION_LATENCY = Histogram(
     "breakwater_detection_latency_seconds",
-    "Wall time from the triggering span's end to the publish of its incident.",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    "Wall time from the end of the span that triggered an incident to the incident's publish, by detector.",
+    ["detector"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )
-TRACKED_KEYS = Gauge(
-    "breakwater_tracked_keys", "Keys with detector state in this worker, by scope.", ["scope"], registry=REGISTRY
+CONSUMER_LAG = Gauge(
+    "breakwater_consumer_lag_messages",
+    "Messages not yet committed by this worker, per assigned input partition (high watermark - committed offset).",
+    ["topic", "partition"], registry=REGISTRY,
 )
-EVICTIONS = Counter("breakwater_state_evictions", "Per-key states evicted by TTL, by scope.", ["scope"], registry=REGISTRY)
+TRACKED_KEYS = Gauge(
+    "breakwater_tracked_keys", "Keys with detector state in this worker, by detector and scope.",
+    ["detector", "scope"], registry=REGISTRY,
+)
+EVICTIONS = Counter(
+    "breakwater_state_evictions", "Per-key states evicted after their TTL (event time), by scope.", ["scope"],
+    registry=REGISTRY,
+)
+UNPRICED_SPANS = Counter(
+    "breakwater_unpriced_spans", "LLM spans whose cost could not be priced (counted, never guessed).",
+    registry=REGISTRY,
+)
 BATCH_SECONDS = Histogram(
     "breakwater_batch_seconds", "Processing time of one batch, by stage.", ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=REGISTRY,
 )
+WORKER_READY = Gauge(
+    "breakwater_worker_ready", "1 when the worker has its partitions assigned and its state recovered, else 0.",
+    registry=REGISTRY,
+)
+REBALANCES = Counter(
+    "breakwater_rebalances", "Consumer group rebalances this worker went through.", registry=REGISTRY,
+)
+BUILD = Info("breakwater_build", "Breakwater version.", registry=REGISTRY)
+BUILD.info({"version": _version})
+
+
+def _init_series() -> None:
+    for f in FORMATS:
+        SPANS_IN.labels(format=f)
+    for r in REJECTION_REASONS:
+        REJECTIONS.labels(reason=r)
+    for d in DETECTORS:
+        DETECTION_LATENCY.labels(detector=d)
+        for sev in SEVERITIES:
+            for st in INCIDENT_STATUSES:
+                INCIDENTS.labels(detector=d, severity=sev, status=st)
+    for a in ACTIONS:
+        for m in MODES:
+            COMMANDS.labels(action=a, mode=m)
+    for scope in sorted(set(DETECTORS.values())):
+        EVICTIONS.labels(scope=scope)
+    for stage in ("ingest", "detect"):
+        BATCH_SECONDS.labels(stage=stage)
+
+
+_init_series()
+
+
+def incident_published(out: Any, now: float | None = None) -> None:
+    """Count one published incident (a :class:`streams.pipeline.Output`) and its detection latency.
+
+    >>> from types import SimpleNamespace
+    >>> o = SimpleNamespace(detector="no_progress_loop", status="open", severity="critical",
+    ...                     detected_at_ns=1_000_000_000)
+    >>> before = INCIDENTS.labels("no_progress_loop", "critical", "open")._value.get()
+    >>> incident_published(o, now=1.5)
+    >>> INCIDENTS.labels("no_progress_loop", "critical", "open")._value.get() - before
+    1.0
+    """
+    INCIDENTS.labels(detector=out.detector, severity=out.severity or "unknown", status=out.status).inc()
+    if out.status == "open":  # latency of detection, not of later updates of the same episode
+        now = time.time() if now is None else now
+        DETECTION_LATENCY.labels(detector=out.detector).observe(max(0.0, now - out.detected_at_ns / 1e9))
+
+
+def set_tracked_keys(scope: str, n: int) -> None:
+    """Keys with state in one of the worker's stores; every detector keeping state there tracks them.
+
+    >>> set_tracked_keys("session", 3)
+    >>> TRACKED_KEYS.labels("no_progress_loop", "session")._value.get()
+    3.0
+    """
+    detectors = SESSION_TABLE_DETECTORS if scope == "session" else [d for d, s in DETECTORS.items() if s == scope]
+    for d in detectors:
+        TRACKED_KEYS.labels(detector=d, scope=scope).set(n)
+
+
+_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum"), "info": ("_info",)}
+
+
+def declared_names() -> set[str]:
+    """Every sample name a scrape can show (``_created`` series aside): what dashboards may use.
+
+    >>> {"breakwater_detection_latency_seconds_bucket", "breakwater_consumer_lag_messages"} <= declared_names()
+    True
+    """
+    names: set[str] = set()
+    for fam in REGISTRY.collect():
+        for suffix in _SUFFIXES.get(fam.type, ("",)):
+            names.add(fam.name + suffix)
+    return names
+
+
+def sample_names() -> set[str]:
+    """Names of the samples a scrape returns right now."""
+    return {s.name for fam in REGISTRY.collect() for s in fam.samples}

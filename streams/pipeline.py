@@ -1,9 +1,10 @@
 """The one processing path that both ``replay`` and the faust agents drive.
 
 ``SessionPipeline.step(state, spans, watermark_ns)`` runs every session-scoped detector core over
-one session's spans (in arrival order), applies the policy, and returns the serialized outputs.
-Replay keeps the states in a dict; the live worker keeps them in a faust table (RocksDB +
-changelog) and calls the very same method, so live and replay cannot drift apart.
+one session's spans (in arrival order), applies the policy, and returns the serialized outputs;
+``advance(state, watermark_ns)`` fires the timers that the watermark has passed. Replay keeps the
+states in a dict; the live worker keeps them in a faust table (RocksDB + changelog) and calls the
+very same methods, so live and replay cannot drift apart.
 
 >>> from streams.models import Span
 >>> from streams.policy import Policy
@@ -25,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from streams.detectors.base import Finding
 from streams.detectors.loop import NoProgressLoop
 from streams.models import Span
 from streams.policy import Policy, apply
@@ -40,8 +42,24 @@ class Output:
     key: bytes
     value: bytes
     detector: str = ""
-    status: str = ""
+    status: str = ""  # incident status, or the command's action
     detected_at_ns: int = 0
+    severity: str = ""
+    mode: str = ""
+
+
+def outputs_for(policy: Policy, findings: list[Finding]) -> list[Output]:
+    """Findings → serialized incidents and commands (the incident precedes its command)."""
+    out: list[Output] = []
+    for f in findings:
+        incident, command = apply(policy, f)
+        if incident is not None:
+            out.append(Output("incident", incident.incident_id.encode(), incident.model_dump_json().encode(),
+                              f.detector, f.status, f.detected_at_ns, incident.severity, incident.policy_mode))
+        if command is not None:
+            out.append(Output("breaker", command.kafka_key(), command.model_dump_json().encode(),
+                              f.detector, command.action, f.detected_at_ns, "", command.mode))
+    return out
 
 
 @dataclass(slots=True)
@@ -73,25 +91,25 @@ class SessionPipeline:
         return SessionState(loop=self._default_loop.new_state())
 
     def step(self, state: SessionState, spans: list[Span], watermark_ns: int) -> tuple[SessionState, list[Output]]:
-        out: list[Output] = []
+        findings: list[Finding] = []
         loop_state = state.loop
         for span in spans:
             if span.end_ns > state.last_seen_ns:
                 state.last_seen_ns = span.end_ns
             det = self._loop(loop_state.tenant) if loop_state.tenant is not None else self._default_loop
-            loop_state, findings = det.step(loop_state, span, watermark_ns)
-            for f in findings:
-                incident, command = apply(self.policy, f)
-                # The incident precedes its command on the wire: SREs see why before what.
-                if incident is not None:
-                    out.append(Output("incident", incident.incident_id.encode(),
-                                      incident.model_dump_json().encode(), f.detector, f.status,
-                                      f.detected_at_ns))
-                if command is not None:
-                    out.append(Output("breaker", command.kafka_key(), command.model_dump_json().encode(),
-                                      f.detector, command.action, f.detected_at_ns))
+            loop_state, fs = det.step(loop_state, span, watermark_ns)
+            if fs:
+                findings.extend(fs)
         state.loop = loop_state
-        return state, out
+        return state, outputs_for(self.policy, findings) if findings else []
+
+    def advance(self, state: SessionState, watermark_ns: int) -> tuple[SessionState, list[Output]]:
+        """Fire timers the watermark has passed (the loop detector has none; later detectors do)."""
+        return state, []
+
+    def next_deadline(self, state: SessionState) -> int | None:
+        """Event time at which :meth:`advance` has work for this session, if any."""
+        return None
 
     def expired(self, state: SessionState, watermark_ns: int) -> bool:
         return self._loop(state.loop.tenant).expired(state.loop, watermark_ns)

@@ -30,7 +30,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.detectors.base import Finding
+from streams.detectors.deadlock import DeadlockParams
 from streams.detectors.loop import LoopParams
+from streams.detectors.silent import SilentParams
 from streams.models import BreakerCommand, CommandScope, Incident, IncidentScope
 
 Mode = Literal["enforce", "shadow", "off"]
@@ -60,12 +62,45 @@ class LoopPolicy(_Strict):
         return LoopParams(**self.model_dump(exclude={"mode", "breaker_ttl_s"}))
 
 
+class DeadlockPolicy(_Strict):
+    mode: Mode = "enforce"
+    breaker_ttl_s: float = Field(1800.0, gt=0)
+    dangling_after_s: float = Field(300.0, gt=0)
+    workflow_ttl_s: float = Field(3600.0, gt=0)
+    max_steps: int = Field(20_000, ge=10)
+
+    def params(self) -> DeadlockParams:
+        return DeadlockParams(**self.model_dump(exclude={"mode", "breaker_ttl_s"}))
+
+
+class SilentPolicy(_Strict):
+    mode: Mode = "enforce"
+    breaker_ttl_s: float = Field(600.0, gt=0)
+    grace_s: float = Field(30.0, gt=0)
+    retention_s: float = Field(600.0, gt=0)
+    orphan_ttl_s: float = Field(1800.0, gt=0)
+
+    def params(self) -> SilentParams:
+        return SilentParams(**self.model_dump(exclude={"mode", "breaker_ttl_s"}))
+
+
+DETECTOR_POLICIES: dict[str, type[_Strict]] = {
+    "no_progress_loop": LoopPolicy,
+    "plan_deadlock": DeadlockPolicy,
+    "silent_success": SilentPolicy,
+}
+
+
 class DetectorPolicies(_Strict):
     no_progress_loop: LoopPolicy = LoopPolicy()
+    plan_deadlock: DeadlockPolicy = DeadlockPolicy()
+    silent_success: SilentPolicy = SilentPolicy()
 
 
 class PartialDetectorPolicies(_Strict):
     no_progress_loop: dict[str, Any] = {}
+    plan_deadlock: dict[str, Any] = {}
+    silent_success: dict[str, Any] = {}
 
 
 class TenantPolicy(_Strict):
@@ -94,20 +129,24 @@ def _fmt_errors(exc: ValidationError) -> str:
 
 
 class Policy:
-    """Validated policy with per-tenant views, cached after first use."""
+    """Validated policy with per-tenant views of every detector's section."""
 
     def __init__(self, spec: PolicyFile | None = None) -> None:
         self.spec = spec or PolicyFile()
-        self._loop: dict[str | None, LoopPolicy] = {}
+        # (detector, tenant or None) -> merged section
+        self._sections: dict[tuple[str, str | None], Any] = {}
+        for det in DETECTOR_POLICIES:
+            self._sections[(det, None)] = getattr(self.spec.detectors, det)
         for tenant, tp in self.spec.tenants.items():
-            try:
-                merged = {**self.spec.detectors.no_progress_loop.model_dump(), **tp.detectors.no_progress_loop}
-                self._loop[tenant] = LoopPolicy(**merged)
-            except ValidationError as exc:
-                raise PolicyError(
-                    f"tenants.{tenant}.detectors.no_progress_loop: {_fmt_errors(exc)}"
-                ) from exc
-        self._loop[None] = self.spec.detectors.no_progress_loop
+            for det, cls in DETECTOR_POLICIES.items():
+                override = getattr(tp.detectors, det)
+                if not override:
+                    continue
+                try:
+                    merged = {**getattr(self.spec.detectors, det).model_dump(), **override}
+                    self._sections[(det, tenant)] = cls(**merged)
+                except ValidationError as exc:
+                    raise PolicyError(f"tenants.{tenant}.detectors.{det}: {_fmt_errors(exc)}") from exc
 
     @classmethod
     def from_toml(cls, text: str) -> Policy:
@@ -138,21 +177,26 @@ class Policy:
     def allowed_lateness_ns(self) -> int:
         return int(self.spec.allowed_lateness_s * 1e9)
 
+    def section(self, detector: str, tenant: str | None) -> Any:
+        """The detector's policy section for a tenant (its overrides merged over the defaults)."""
+        sec = self._sections.get((detector, tenant))
+        return sec if sec is not None else self._sections[(detector, None)]
+
     def loop_policy(self, tenant: str | None) -> LoopPolicy:
-        return self._loop.get(tenant) or self._loop[None]
+        return self.section("no_progress_loop", tenant)
 
     def loop_params(self, tenant: str | None) -> LoopParams:
         return self.loop_policy(tenant).params()
 
     def mode(self, detector: str, tenant: str | None) -> Mode:
-        if detector == "no_progress_loop":
-            return self.loop_policy(tenant).mode
-        raise KeyError(detector)
+        return self.section(detector, tenant).mode
 
     def breaker_ttl_s(self, detector: str, tenant: str | None) -> float:
-        if detector == "no_progress_loop":
-            return self.loop_policy(tenant).breaker_ttl_s
-        raise KeyError(detector)
+        return self.section(detector, tenant).breaker_ttl_s
+
+    def max_ttl_s(self, detector: str, field_name: str) -> float:
+        """The largest value of a TTL-like field over the defaults and every tenant (for eviction)."""
+        return max(getattr(sec, field_name) for (det, _), sec in self._sections.items() if det == detector)
 
 
 # ----------------------------------------------------------------------------- finding → outputs

@@ -19,13 +19,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable
 
-from streams import semconv
 from streams.ingest import Limits, decode, iter_documents
 from streams.models import Span
-from streams.pipeline import SessionPipeline, SessionState
+from streams.stages import MemoryRunner, build_stages, group
 from streams.policy import Policy
 
-EVICT_EVERY_NS = 60 * 10**9
 REPLAY_LIMITS = Limits(max_message_bytes=1 << 40, max_spans_per_message=1 << 40)
 
 
@@ -40,55 +38,49 @@ class ReplayStats:
 
 
 class Replayer:
-    """Holds per-session state in memory and advances an event-time watermark."""
+    """Every stage's states in memory, one event-time watermark for the whole input."""
 
     def __init__(self, policy: Policy | None = None) -> None:
         self.policy = policy or Policy()
-        self.pipe = SessionPipeline(self.policy)
-        self.states: dict[str, SessionState] = {}
+        self.stages = build_stages(self.policy)
+        self.runners = [MemoryRunner(st) for st in self.stages]
+        self.pipe = self.stages[0]
         self.max_event_ns = 0
-        self._next_evict_ns = 0
         self.stats = ReplayStats()
+
+    @property
+    def states(self) -> dict:
+        """Session states (the loop detector's)."""
+        return self.runners[0].states
 
     @property
     def watermark_ns(self) -> int:
         return self.max_event_ns - self.policy.allowed_lateness_ns
 
     def feed(self, spans: list[Span]) -> list:
-        """Process one batch (one input document); returns the outputs in order."""
-        by_session: dict[str, list[Span]] = {}
+        """Process one batch (one input document); returns the outputs in event-time order."""
         for s in spans:
             if s.end_ns > self.max_event_ns:
                 self.max_event_ns = s.end_ns
-            by_session.setdefault(semconv.session_of(s), []).append(s)
         wm = self.watermark_ns
         outputs = []
-        for session, group in by_session.items():
-            st = self.states.get(session)
-            if st is None:
-                st = self.pipe.new_state()
-            st, out = self.pipe.step(st, group, wm)
-            self.states[session] = st
-            outputs.extend(out)
+        for r in self.runners:
+            outputs.extend(r.feed(group(r.stage, spans), wm))
+        for r in self.runners:
+            outputs.extend(r.fire(wm))
         # event-time order, so the output does not depend on how the input was batched
         outputs.sort(key=lambda o: o.detected_at_ns)
         self.stats.spans += len(spans)
-        if wm >= self._next_evict_ns:
-            self._evict(wm)
-            self._next_evict_ns = wm + EVICT_EVERY_NS
         return outputs
-
-    def _evict(self, wm: int) -> None:
-        dead = [k for k, st in self.states.items() if self.pipe.expired(st, wm)]
-        for k in dead:
-            del self.states[k]
-        self.stats.evicted += len(dead)
 
     def finish(self) -> list:
         """End of input: the watermark passes everything; pending timers fire, state is dropped."""
-        self.stats.evicted += len(self.states)
-        self.states.clear()
-        return []
+        outputs = []
+        for r in self.runners:
+            outputs.extend(r.finish())
+        outputs.sort(key=lambda o: o.detected_at_ns)
+        self.stats.evicted = sum(r.evicted for r in self.runners)
+        return outputs
 
 
 def run(

@@ -192,3 +192,171 @@ def route_of(span: Span) -> str | None:
     if prov is None and model is None:
         return None
     return f"{prov or '-'}/{model or '-'}"
+
+
+# ----------------------------------------------------------------------------- retries and cost
+# (added for retry_storm and cost_velocity, SPEC §4.2–4.3)
+
+AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent"})
+MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
+CACHED_INPUT_KEYS = (
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cache_read_input_tokens",
+    "gen_ai.usage.input_tokens.cached",
+)
+
+
+def retry_count_of(span: Span) -> int:
+    """Retries one span stands for: ``http.request.resend_count`` (an HTTP client resent the
+    request that many times), else 1 when ``retry.attempt`` > 0 (each attempt is its own span).
+
+    >>> from streams.models import Span
+    >>> mk = lambda a: Span("t", "s", None, "x", "CLIENT", 0, 1, "OK", "", a, {})
+    >>> retry_count_of(mk({"http.request.resend_count": 2})), retry_count_of(mk({"retry.attempt": 3}))
+    (2, 1)
+    >>> retry_count_of(mk({}))
+    0
+    """
+    v = _num(span.attributes.get("http.request.resend_count"))
+    if v is not None and v > 0:
+        return int(v)
+    v = _num(span.attributes.get("retry.attempt"))
+    if v is not None and v > 0:
+        return 1
+    return 0
+
+
+def is_agent_span(span: Span) -> bool:
+    """``invoke_agent`` / ``create_agent`` spans: they summarize their children, they are no call."""
+    return operation_of(span) in AGENT_OPERATIONS
+
+
+def call_route_of(span: Span) -> str | None:
+    """The route of a *call* (a tool or model call), or None; agent spans are no call.
+
+    >>> from streams.models import Span
+    >>> mk = lambda a: Span("t", "s", None, "x", "CLIENT", 0, 1, "OK", "", a, {})
+    >>> call_route_of(mk({"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}))
+    'openai/gpt-4o'
+    >>> call_route_of(mk({"gen_ai.operation.name": "invoke_agent", "gen_ai.request.model": "gpt-4o"})) is None
+    True
+    """
+    if is_agent_span(span):
+        return None
+    return route_of(span)
+
+
+def provider_of(span: Span) -> str | None:
+    v = span.attr("gen_ai.provider.name")
+    return str(v) if v is not None else None
+
+
+def model_of(span: Span) -> str | None:
+    """The model that served the call: ``gen_ai.response.model``, else ``gen_ai.request.model``."""
+    for k in ("gen_ai.response.model", "gen_ai.request.model"):
+        v = span.attributes.get(k)
+        if v is not None and v != "":
+            return str(v)
+    return None
+
+
+def is_model_call(span: Span, op: str | None | bool = False) -> bool:
+    """A call to a model (something that should cost money): a model operation, or a model
+    attribute on a span that is neither an agent span nor a tool call. ``op``: the operation,
+    when the caller has it already."""
+    if op is False:
+        op = operation_of(span)
+    if op in MODEL_OPERATIONS:
+        return True
+    if op in AGENT_OPERATIONS or is_tool_call(span):
+        return False
+    return model_of(span) is not None
+
+
+def cached_tokens_of(span: Span) -> int:
+    """Input tokens served from a provider cache (OTel: included in ``input_tokens``)."""
+    for k in CACHED_INPUT_KEYS:
+        v = _num(span.attributes.get(k))
+        if v is not None:
+            return max(int(v), 0)
+    return 0
+
+
+# -- helpers for plan_deadlock and silent_success (SPEC §4.4–4.5)
+
+
+def outcome_of(span: Span) -> str | None:
+    """``agent.outcome`` lower-cased (``success`` | ``failure`` | ``partial``), or None.
+
+    >>> outcome_of(Span("t", "s", None, "a", "INTERNAL", 0, 1, "OK", "", {"agent.outcome": "Success"}, {}))
+    'success'
+    """
+    v = span.attributes.get("agent.outcome")
+    return str(v).lower() if v is not None and v != "" else None
+
+
+def is_verified(span: Span) -> bool:
+    """``tool.verification_status`` is ``verified`` (anything else, or absent, is not)."""
+    v = span.attributes.get("tool.verification_status")
+    return isinstance(v, str) and v.lower() == "verified"
+
+
+def approval_status_of(span: Span) -> str | None:
+    """``approval.status`` upper-cased (``PENDING``, ``REJECTED``, ``APPROVED``, …), or None.
+
+    >>> approval_status_of(Span("t", "s", None, "a", "INTERNAL", 0, 1, "OK", "", {"approval.status": "pending"}, {}))
+    'PENDING'
+    """
+    v = span.attributes.get("approval.status")
+    return str(v).upper() if v is not None and v != "" else None
+
+
+def int_of(v: Any, default: int = 0) -> int:
+    """An integer attribute value (int, integral float or numeric string), else ``default``.
+
+    >>> int_of("3"), int_of(2.0), int_of(True), int_of("x", -1)
+    (3, 2, 0, -1)
+    """
+    if isinstance(v, bool):
+        return default
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            return default
+    return default
+
+
+def id_list_of(v: Any) -> list[str]:
+    """A list of step ids from an attribute value: a string array, a JSON array string, or one id.
+
+    Order is kept, duplicates and empty ids dropped.
+
+    >>> id_list_of(["a", "b", "a"]), id_list_of('["x", 2]'), id_list_of("y"), id_list_of(None)
+    (['a', 'b'], ['x', '2'], ['y'], [])
+    """
+    if v is None:
+        return []
+    if isinstance(v, str):
+        s = v.strip()
+        if s.startswith("["):
+            try:
+                v = orjson.loads(s)
+            except orjson.JSONDecodeError:
+                return [s] if s else []
+        else:
+            return [s] if s else []
+    if not isinstance(v, list | tuple):
+        v = [v]
+    out: dict[str, None] = {}
+    for x in v:
+        if x is None or isinstance(x, bool | dict | list):
+            continue
+        s = str(x)
+        if s:
+            out[s] = None
+    return list(out)

@@ -65,6 +65,19 @@ class Settings(BaseSettings):
     )
     max_message_bytes: int = Field(1_048_576, ge=1024, description="Larger input messages go to the DLQ.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Worker log level.")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535,
+        description="Port of the worker's own HTTP server: /metrics (Prometheus), /healthz, /readyz; 0 = off.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address that server binds (0.0.0.0 in containers, so probes and Prometheus reach it)."
+    )
+    lag_sample_interval_s: float = Field(
+        5.0, gt=0, description="How often consumer lag per assigned partition is sampled (s)."
+    )
+    health_stall_s: float = Field(
+        30.0, gt=0, description="/healthz fails once the worker's event loop has not run for this long (s)."
+    )
 
     @field_validator("broker")
     @classmethod

@@ -45,8 +45,8 @@ def isolated(broker, tmp_path):
     asyncio.run(ensure_topics(settings))
     workers: list[WorkerProcess] = []
 
-    def start_worker(data_dir=None) -> WorkerProcess:
-        w = WorkerProcess(broker.bootstrap, app_id=settings.app_id, extra_env=env,
+    def start_worker(data_dir=None, extra_env=None) -> WorkerProcess:
+        w = WorkerProcess(broker.bootstrap, app_id=settings.app_id, extra_env={**env, **(extra_env or {})},
                           data_dir=str(data_dir or tmp_path / f"w{len(workers)}"))
         workers.append(w)
         w.start()

@@ -64,16 +64,16 @@ def decode(payload: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Decoded:
     >>> d.spans[0].attributes
     {'tool.payload_hash': '01e7b720ff566d53'}
     >>> d.rejections
-    [Rejection(reason='bad_id', detail='span 1: span_id: expected 16 hex digits, not all zero', index=1)]
+    [Rejection(reason='bad_id', detail='span_id: expected 16 hex digits, not all zero', index=1)]
     >>> [(r.reason, r.detail[:20]) for r in decode(b'{"a": 1}\\n{oops}\\n').rejections]
-    [('bad_id', 'line 1: span 0: trac'), ('bad_json', 'line 2: not valid JS')]
+    [('bad_id', 'line 1: trace_id is '), ('bad_json', 'line 2: not valid JS')]
     >>> decode(b"x" * 11, limits=Limits(max_message_bytes=10)).rejections[0].reason
     'oversized'
     """
     try:
         return _decode(payload, limits)
     except Exception as e:  # defensive: decode() must never raise
-        return Decoded([], [Rejection("bad_input", f"decoder error ({type(e).__name__})")],
+        return Decoded([], [Rejection("internal_error", f"decoder error ({type(e).__name__})")],
                        "unknown")
 
 
@@ -161,8 +161,6 @@ def _json_error(data: bytes, e: orjson.JSONDecodeError, where: str) -> Rejection
 
 def _json(data: bytes, ctx: Ctx, limits: Limits, raw: bytes | bool) -> Decoded:
     """``raw`` is the original payload when leading bytes were skipped, else False."""
-    if ctx.trunc:
-        ctx.trunc = json_has_long_run(data, limits.max_string_bytes)
     try:
         docs: list[tuple[int | None, Any]] = [(None, orjson.loads(data))]
     except orjson.JSONDecodeError as e:
@@ -172,11 +170,12 @@ def _json(data: bytes, ctx: Ctx, limits: Limits, raw: bytes | bool) -> Decoded:
                 return d
         if b"\n" not in data:
             return Decoded([], [_json_error(data, e, "")], "unknown")
-        docs, bad = _lines(data)
-        if not docs:
+        docs = _lines(data)
+        if all(type(obj) is Rejection for _, obj in docs):
+            # not JSON lines either (e.g. broken pretty-printed JSON): one rejection
             return Decoded([], [_json_error(data, e, "")], "unknown")
-    else:
-        bad = []
+    if ctx.trunc:  # it is JSON: a cheap scan usually proves no string needs truncation
+        ctx.trunc = json_has_long_run(data, limits.max_string_bytes)
 
     total = 0
     for _, obj in docs:
@@ -195,36 +194,32 @@ def _json(data: bytes, ctx: Ctx, limits: Limits, raw: bytes | bool) -> Decoded:
         return _too_many(total, limits, _fmt(kinds))
 
     sink = Sink()
-    sink.rejections.extend(bad)
     for line, obj in docs:
-        sink.where = "" if line is None else f"line {line}: "
-        _json_doc(obj, ctx, sink, kinds)
-    if bad:  # keep rejections in line order
-        sink.rejections.sort(key=_line_of)
+        if type(obj) is Rejection:
+            sink.rejections.append(obj)
+        else:
+            sink.where = "" if line is None else f"line {line}: "
+            _json_doc(obj, ctx, sink, kinds)
     return _result(sink, _fmt(kinds))
 
 
-def _line_of(r: Rejection) -> int:
-    d = r.detail
-    if d.startswith("line "):
-        num = d[5:d.find(":")]
-        if num.isdigit():
-            return int(num)
-    return 0
-
-
-def _lines(data: bytes) -> tuple[list[tuple[int | None, Any]], list[Rejection]]:
+def _lines(data: bytes) -> list[tuple[int | None, Any]]:
+    """JSON lines: (line number, parsed object/array) or (line number, its Rejection)."""
     docs: list[tuple[int | None, Any]] = []
-    bad: list[Rejection] = []
     loads = orjson.loads
     for no, line in enumerate(data.split(b"\n"), 1):
         if not line or line.isspace():
             continue
         try:
-            docs.append((no, loads(line)))
+            obj = loads(line)
         except orjson.JSONDecodeError as e:
-            bad.append(_json_error(line, e, f"line {no}: "))
-    return docs, bad
+            docs.append((no, _json_error(line, e, f"line {no}: ")))
+            continue
+        if type(obj) is dict or type(obj) is list:
+            docs.append((no, obj))
+        else:
+            docs.append((no, Rejection("bad_json", f"line {no}: expected a JSON object or array")))
+    return docs
 
 
 def _json_kinds(obj: Any, kinds: set[str]) -> None:
@@ -317,9 +312,10 @@ def iter_documents(fp: typing.BinaryIO) -> Iterator[bytes]:
 
     One document per non-empty line (JSON lines, each auto-detected by :func:`decode`), read
     lazily line by line.  If the first non-blank line starts with ``{`` or ``[`` but is not JSON
-    on its own, the file is one pretty-printed document: the rest is read and yielded whole —
-    unless the whole is not JSON either, then its non-empty lines are yielded one by one (so a
-    broken file still gives per-line errors).
+    on its own (and the next non-blank line is not a JSON object/array on its own either), the
+    file is one pretty-printed document: the rest is read and yielded whole — unless the whole is
+    not JSON either, then its non-empty lines are yielded one by one (so a broken file still
+    gives per-line errors).
 
     >>> import io
     >>> list(iter_documents(io.BytesIO(b'{"a": 1}\\n\\n[2]\\r\\n')))
@@ -332,24 +328,47 @@ def iter_documents(fp: typing.BinaryIO) -> Iterator[bytes]:
         s = line.strip()
         if not s:
             continue
-        if s[0] == 0x7B or s[0] == 0x5B:
-            try:
-                orjson.loads(s)
-            except orjson.JSONDecodeError:
-                whole = (line + fp.read()).strip()
-                try:
-                    orjson.loads(whole)
-                except orjson.JSONDecodeError:
-                    for part in whole.split(b"\n"):
-                        part = part.strip()
-                        if part:
-                            yield part
-                else:
-                    yield whole
+        if (s[0] == 0x7B or s[0] == 0x5B) and not _is_json(s):
+            # Pretty-printed JSON, or JSON lines whose first line is broken?  Peek at the next
+            # non-blank line: a JSON object/array on its own means JSON lines (keep streaming).
+            rest = [line]
+            for nxt in it:
+                rest.append(nxt)
+                t = nxt.strip()
+                if t:
+                    if (t[0] == 0x7B or t[0] == 0x5B) and _is_json(t):
+                        yield s
+                        yield t
+                        break
+                    whole = b"".join(rest) + fp.read()
+                    yield from _whole(whole.strip())
+                    return
+            else:
+                yield s
                 return
-        yield s
+        else:
+            yield s
         break
     for line in it:
         s = line.strip()
         if s:
             yield s
+
+
+def _is_json(s: bytes) -> bool:
+    try:
+        orjson.loads(s)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _whole(doc: bytes) -> Iterator[bytes]:
+    """One pretty-printed document; if it is not JSON after all, its lines one by one."""
+    if _is_json(doc):
+        yield doc
+        return
+    for part in doc.split(b"\n"):
+        part = part.strip()
+        if part:
+            yield part

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from streams.ingest.limits import DEFAULT_LIMITS, Limits
+from streams.ingest.limits import DEFAULT_LIMITS, Limits  # noqa: F401  (doctests)
 from streams.models import Span, SpanEvent
 from streams.semconv import canonical_hash, is_sensitive
 
@@ -46,8 +46,8 @@ _B64N = {32: 16, 16: 8}  # hex digits -> raw bytes
 SCALARS = frozenset({str, int, float, bool})
 
 # Attribute keys already known not to be sensitive.  ``keys() <= _SAFE`` is one C-level call, so a
-# span whose keys were all seen before pays no per-key Python work for the privacy rule.  Bounded:
-# once full, unknown keys are simply classified every time (still correct, only slower).
+# span whose keys were all seen before pays no per-key Python work for the privacy rule.  Bounded
+# (count and key length): other keys are simply classified every time (still correct, slower).
 _SAFE: set[str] = set()
 _SAFE_MAX = 1 << 16
 
@@ -124,6 +124,8 @@ def json_has_long_run(data: bytes, m: int) -> bool:
             q = p
             while q > 0 and data[q - 1] == 0x5C:  # backslashes before the quote
                 q -= 1
+                if p - q > 64:
+                    return True
             if not (p - q) & 1:
                 break  # an unescaped quote: this window is fine
             tries += 1
@@ -152,18 +154,33 @@ def trunc_str(s: str, n: int) -> str:
     return b[:n].decode("utf-8", "ignore")
 
 
-def _trunc_values(a: dict[str, Any], n: int) -> None:
-    """Truncate over-long strings (also inside lists) of a flat dict, in place."""
+def trunc_values(a: dict[str, Any], n: int) -> dict[str, Any]:
+    """Truncate over-long strings (also inside lists) of a flat attribute dict, in place.
+
+    Runs after :func:`scrub`, so tool arguments are hashed whole.
+
+    >>> trunc_values({"a": "xyz", "b": ["xyz", 1], "c": 5}, 2)
+    {'a': 'xy', 'b': ['xy', 1], 'c': 5}
+    """
+    m = n >> 2
     for k, v in a.items():
         if type(v) is str:
-            if len(v) > n >> 2:
+            if len(v) > m:
                 a[k] = trunc_str(v, n)
         elif type(v) is list:
             a[k] = [trunc_str(x, n) if type(x) is str else x for x in v]
+    return a
 
 
 def check_depth(v: Any, depth: int, ctx: Ctx, what: str) -> None:
-    """Raise ``too_deep`` if container ``v`` (itself at ``depth``) nests deeper than allowed."""
+    """Raise ``too_deep`` if container ``v`` (itself at ``depth``) nests deeper than allowed.
+
+    >>> check_depth({"a": [1]}, 1, Ctx(Limits(max_depth=2), 0), "x")
+    >>> check_depth({"a": [[1]]}, 1, Ctx(Limits(max_depth=2), 0), "x")
+    Traceback (most recent call last):
+    ...
+    streams.ingest.flat.Bad: ('too_deep', 'x: nesting deeper than max_depth 2')
+    """
     lim = ctx.max_depth
     stack = [(v, depth)]
     while stack:
@@ -181,6 +198,10 @@ def list_value(key: str, v: list[Any], depth: int, ctx: Ctx, what: str) -> Any:
     Lists of scalars stay lists.  A list holding objects or lists is not an OTel attribute value:
     it becomes its compact JSON string (so ``plan.steps`` sent as a real array reads like the
     documented JSON string), unless the key is sensitive (kept as is, to be hashed or dropped).
+
+    >>> ctx = Ctx(DEFAULT_LIMITS, 0)
+    >>> list_value("tags", ["a", 1], 1, ctx, "x"), list_value("plan.steps", [{"id": "a"}], 1, ctx, "x")
+    (['a', 1], '[{"id":"a"}]')
     """
     if depth > ctx.max_depth:
         raise Bad("too_deep", f"{what}: nesting deeper than max_depth {ctx.max_depth}")
@@ -188,15 +209,11 @@ def list_value(key: str, v: list[Any], depth: int, ctx: Ctx, what: str) -> Any:
         if type(x) is dict or type(x) is list:
             break
     else:
-        if ctx.trunc:
-            n = ctx.max_str
-            return [trunc_str(x, n) if type(x) is str else x for x in v]
         return v
     check_depth(v, depth, ctx, what)
     if is_sensitive(key):
         return v
-    s = orjson.dumps(v).decode()
-    return trunc_str(s, ctx.max_str)
+    return orjson.dumps(v).decode()
 
 
 def _flatten_into(out: dict[str, Any], prefix: str, d: dict[str, Any], depth: int, ctx: Ctx,
@@ -207,8 +224,7 @@ def _flatten_into(out: dict[str, Any], prefix: str, d: dict[str, Any], depth: in
             k = prefix + k
         t = type(v)
         if t is str:
-            if ctx.trunc:
-                v = trunc_str(v, ctx.max_str)
+            pass
         elif t is dict:
             if depth + 1 > ctx.max_depth:
                 raise Bad("too_deep", f"{what}: nesting deeper than max_depth {ctx.max_depth}")
@@ -247,8 +263,9 @@ def scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
     With ``hash_args`` (span attributes), ``gen_ai.tool.call.arguments`` becomes
     ``tool.payload_hash`` (unless the producer already sent one).
 
-    >>> scrub({"gen_ai.tool.call.arguments": '{"q": 1}', "gen_ai.prompt": "x", "k": 1}, True)  # doctest: +ELLIPSIS
-    {'k': 1, 'tool.payload_hash': '...'}
+    >>> a = scrub({"gen_ai.tool.call.arguments": '{"q": 1}', "gen_ai.prompt": "x", "k": 1}, True)
+    >>> a == {"k": 1, "tool.payload_hash": canonical_hash({"q": 1})}
+    True
     """
     safe = _SAFE
     drop = None
@@ -258,7 +275,7 @@ def scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
                 drop = [k]
             else:
                 drop.append(k)
-        elif len(safe) < _SAFE_MAX:
+        elif len(safe) < _SAFE_MAX and len(k) <= 200:
             safe.add(k)
     if drop:
         if hash_args and ARGS_KEY in a and HASH_KEY not in a:
@@ -280,18 +297,11 @@ def attrs_dict(a: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
     {'a': 1}
     """
     if type(a) is dict:
-        if len(a) <= ctx.max_attrs and set(map(type, a.values())) <= SCALARS:
-            if ctx.trunc:  # only str can be too long here (lists take the flatten path)
-                lim = ctx.max_str >> 2
-                for v in a.values():
-                    if type(v) is str and len(v) > lim:
-                        _trunc_values(a, ctx.max_str)
-                        break
-        else:
+        if not (len(a) <= ctx.max_attrs and set(map(type, a.values())) <= SCALARS):
             a = flatten(a, ctx, what)
-        if a.keys() <= _SAFE:
-            return a
-        return scrub(a, hash_args)
+        if not a.keys() <= _SAFE:
+            scrub(a, hash_args)
+        return trunc_values(a, ctx.max_str) if ctx.trunc else a
     if a is None:
         return {}
     if type(a) is list:
@@ -593,7 +603,7 @@ def flat_span(d: dict[str, Any], ctx: Ctx) -> Span:
         res = attrs_dict(r, ctx, "resource", False)
         # Cache only all-string resources: == on str is exact (1 == 1.0 == True is not).  If
         # normalization changed the dict in place, the next original simply will not match.
-        if _all_str(raw):
+        if type(raw) is dict and _all_str(raw):
             ctx.res_raw = raw
             ctx.res = res
     e = g("events")

@@ -19,12 +19,13 @@ position of the next span in the message (the ``index`` of its rejection).
 >>> [(s.kind, s.attributes, s.resource) for s in sink.spans]
 [('CLIENT', {'n': 7}, {'service.name': 'svc'})]
 >>> sink.rejections
-[Rejection(reason='bad_id', detail='span 1: traceId is missing', index=1)]
+[Rejection(reason='bad_id', detail='traceId is missing', index=1)]
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 import orjson
@@ -48,8 +49,9 @@ from streams.ingest.flat import (
     norm_ts,
     scrub,
     trunc_str,
+    trunc_values,
 )
-from streams.ingest.limits import DEFAULT_LIMITS
+from streams.ingest.limits import DEFAULT_LIMITS  # noqa: F401  (doctests)
 from streams.models import Rejection, Span, SpanEvent
 from streams.semconv import is_sensitive
 
@@ -64,14 +66,15 @@ for _code, _names in enumerate(
         _TAG[_n] = _code
 _FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 _I64_MIN = -(1 << 63)
+_INT = re.compile(r"-?[0-9]{1,20}").fullmatch
 _SCALAR_TYPES = (str, int, float, bool)
 
 
 class Sink:
     """Collects what one message yields; ``where`` prefixes details (e.g. ``"line 3: "``).
 
-    >>> s = Sink("line 2: "); s.reject("bad_span", "name is not a string", 0); s.rejections[0].detail
-    'line 2: span 0: name is not a string'
+    >>> s = Sink("line 2: "); s.reject("bad_span", "name is not a string", 0); s.rejections[0]
+    Rejection(reason='bad_span', detail='line 2: name is not a string', index=0)
     """
 
     __slots__ = ("spans", "rejections", "n", "where")
@@ -83,13 +86,18 @@ class Sink:
         self.where = where
 
     def reject(self, reason: str, detail: str, index: int | None = None) -> None:
-        if index is None:
-            self.rejections.append(Rejection(reason, f"{self.where}{detail}"))
-        else:
-            self.rejections.append(Rejection(reason, f"{self.where}span {index}: {detail}", index))
+        """Record a rejection (the position of a span goes into ``index``, not the detail).
+
+        >>> s = Sink(); s.reject("bad_otlp", "resourceSpans is not an array"); s.rejections[0].index
+        """
+        self.rejections.append(Rejection(reason, self.where + detail, index))
 
     def bad_span(self, e: Exception, index: int) -> None:
-        """Record the failure of the span at ``index`` (a :class:`Bad` or an unexpected error)."""
+        """Record the failure of the span at ``index`` (a :class:`Bad` or an unexpected error).
+
+        >>> s = Sink(); s.bad_span(KeyError("secret"), 4); s.rejections
+        [Rejection(reason='bad_span', detail='malformed span (KeyError)', index=4)]
+        """
         if isinstance(e, Bad):
             self.reject(e.reason, e.detail, index)
         else:
@@ -111,11 +119,11 @@ def _json_scalar(kind: int, x: Any, ctx: Ctx, what: str) -> Any:
     t = type(x)
     if kind == _S or kind == _BY:  # bytesValue stays base64 text
         if t is str:
-            return trunc_str(x, ctx.max_str) if ctx.trunc else x
+            return x
     elif kind == _I:
         if t is int:
             v = x
-        elif t is str and x.lstrip("-").isdigit() and x.isascii() and len(x) <= 21:
+        elif t is str and _INT(x):
             v = int(x)
         else:
             raise Bad("bad_span", f"{what}: intValue is not an integer")
@@ -197,7 +205,7 @@ def _array(key: str, lst: list[Any], ctx: Ctx) -> Any:
         return lst
     if is_sensitive(key):
         return lst
-    return trunc_str(orjson.dumps(lst).decode(), ctx.max_str)
+    return orjson.dumps(lst).decode()
 
 
 def _json_into(out: dict[str, Any], key: str, av: Any, depth: int, ctx: Ctx, what: str) -> None:
@@ -246,8 +254,6 @@ def attrs_kv(lst: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
     if len(lst) > ctx.max_attrs:
         raise _too_many(what, ctx)
     out: dict[str, Any] = {}
-    trunc = ctx.trunc
-    lim4 = ctx.max_str >> 2
     for kv in lst:
         try:
             k = kv["key"]
@@ -260,7 +266,7 @@ def attrs_kv(lst: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
         # fast paths for the common scalar encodings; a non-str key fails later as bad_span
         if v is not None:
             if type(v) is str:
-                out[k] = trunc_str(v, ctx.max_str) if trunc and len(v) > lim4 else v
+                out[k] = v
                 continue
         else:
             v = av.get("intValue")
@@ -276,9 +282,9 @@ def attrs_kv(lst: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
         _json_into(out, k, av, 1, ctx, what)
     if len(out) > ctx.max_attrs:
         raise _too_many(what, ctx)
-    if out.keys() <= _SAFE:
-        return out
-    return scrub(out, hash_args)
+    if not out.keys() <= _SAFE:
+        scrub(out, hash_args)
+    return trunc_values(out, ctx.max_str) if ctx.trunc else out
 
 
 def _ts(v: Any, field: str) -> int:
@@ -320,7 +326,14 @@ def _events_json(evs: Any, ctx: Ctx) -> list[SpanEvent]:
 
 
 def json_span(d: Any, res: dict[str, Any], ctx: Ctx) -> Span:
-    """One OTLP JSON span object to a :class:`Span` sharing the resource dict ``res``."""
+    """One OTLP JSON span object to a :class:`Span` sharing the resource dict ``res``.
+
+    >>> s = json_span({"traceId": "ab" * 16, "spanId": "cd" * 8, "startTimeUnixNano": "1",
+    ...                "endTimeUnixNano": "2", "status": {"code": "STATUS_CODE_ERROR"}},
+    ...               {"service.name": "svc"}, Ctx(DEFAULT_LIMITS, 0))
+    >>> s.status, s.kind, s.attr("service.name")
+    ('ERROR', 'UNSPECIFIED', 'svc')
+    """
     if type(d) is not dict:
         raise Bad("bad_span", "span is not an object")
     g = d.get
@@ -426,7 +439,13 @@ def json_count(req: dict[str, Any]) -> int:
 
 
 def json_request(req: dict[str, Any], ctx: Ctx, sink: Sink) -> None:
-    """Walk an OTLP JSON ``ExportTraceServiceRequest`` into ``sink``."""
+    """Walk an OTLP JSON ``ExportTraceServiceRequest`` into ``sink`` (see the module example).
+
+    >>> sink = Sink(); json_request({"resourceSpans": [{"scopeSpans": [{"spans": [{}]}]}]},
+    ...                             Ctx(DEFAULT_LIMITS, 0), sink)
+    >>> sink.spans, [(r.reason, r.index) for r in sink.rejections]
+    ([], [('bad_id', 0)])
+    """
     rss = _resource_spans(req)
     if type(rss) is not list:
         if rss is not None:
@@ -483,7 +502,7 @@ def json_request(req: dict[str, Any], ctx: Ctx, sink: Sink) -> None:
 def _pb_plain(v: Any, depth: int, ctx: Ctx, what: str) -> Any:
     w = v.WhichOneof("value")
     if w == "string_value":
-        return trunc_str(v.string_value, ctx.max_str) if ctx.trunc else v.string_value
+        return v.string_value
     if w == "int_value":
         return v.int_value
     if w == "double_value":
@@ -491,7 +510,7 @@ def _pb_plain(v: Any, depth: int, ctx: Ctx, what: str) -> Any:
     if w == "bool_value":
         return v.bool_value
     if w == "bytes_value":
-        return trunc_str(base64.b64encode(v.bytes_value).decode(), ctx.max_str)
+        return base64.b64encode(v.bytes_value).decode()
     if w is None:
         return None
     if depth > ctx.max_depth:
@@ -522,27 +541,46 @@ def _pb_into(out: dict[str, Any], key: str, v: Any, depth: int, ctx: Ctx, what: 
 
 
 def pb_attrs(kvs: Any, ctx: Ctx, what: str, hash_args: bool) -> dict[str, Any]:
-    """Repeated protobuf ``KeyValue`` to a flat, scrubbed attribute dict."""
+    """Repeated protobuf ``KeyValue`` to a flat, scrubbed attribute dict.
+
+    >>> from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    >>> pb_attrs([KeyValue(key="n", value=AnyValue(int_value=3)),
+    ...           KeyValue(key="gen_ai.prompt", value=AnyValue(string_value="secret"))],
+    ...          Ctx(DEFAULT_LIMITS, 0), "attributes", True)
+    {'n': 3}
+    """
     if len(kvs) > ctx.max_attrs:
         raise _too_many(what, ctx)
     out: dict[str, Any] = {}
-    trunc = ctx.trunc
     for kv in kvs:
         v = kv.value
-        if v.WhichOneof("value") == "string_value":
-            s = v.string_value
-            out[kv.key] = trunc_str(s, ctx.max_str) if trunc else s
-        else:
+        w = v.WhichOneof("value")
+        if w == "string_value":
+            out[kv.key] = v.string_value
+        elif w == "int_value":
+            out[kv.key] = v.int_value
+        elif w == "double_value":
+            out[kv.key] = v.double_value
+        elif w == "bool_value":
+            out[kv.key] = v.bool_value
+        elif w is not None:
             _pb_into(out, kv.key, v, 1, ctx, what)
     if len(out) > ctx.max_attrs:
         raise _too_many(what, ctx)
-    if out.keys() <= _SAFE:
-        return out
-    return scrub(out, hash_args)
+    if not out.keys() <= _SAFE:
+        scrub(out, hash_args)
+    return trunc_values(out, ctx.max_str) if ctx.trunc else out
 
 
 def pb_span(sp: Any, res: dict[str, Any], ctx: Ctx) -> Span:
-    """One protobuf ``Span`` to a :class:`Span` sharing the resource dict ``res``."""
+    """One protobuf ``Span`` to a :class:`Span` sharing the resource dict ``res``.
+
+    >>> from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+    >>> s = pb_span(PbSpan(trace_id=b"\\xab" * 16, span_id=b"\\xcd" * 8, kind=2,
+    ...                    start_time_unix_nano=1, end_time_unix_nano=2), {}, Ctx(DEFAULT_LIMITS, 0))
+    >>> s.trace_id == "ab" * 16, s.kind, s.parent_span_id
+    (True, 'SERVER', None)
+    """
     tid = sp.trace_id
     if len(tid) != 16 or not any(tid):
         raise Bad("bad_id", "trace_id: expected 16 bytes, not all zero")
@@ -583,12 +621,25 @@ def pb_span(sp: Any, res: dict[str, Any], ctx: Ctx) -> Span:
 
 
 def pb_count(req: Any) -> int:
-    """Number of spans in a parsed protobuf request."""
+    """Number of spans in a parsed protobuf request.
+
+    >>> from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ...     ExportTraceServiceRequest)
+    >>> pb_count(ExportTraceServiceRequest())
+    0
+    """
     return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
 
 
 def pb_request(req: Any, ctx: Ctx, sink: Sink) -> None:
-    """Walk a parsed protobuf ``ExportTraceServiceRequest`` into ``sink``."""
+    """Walk a parsed protobuf ``ExportTraceServiceRequest`` into ``sink``.
+
+    >>> from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ...     ExportTraceServiceRequest)
+    >>> req = ExportTraceServiceRequest.FromString(b"\\n\\x04\\x12\\x02\\x12\\x00")  # one empty span
+    >>> sink = Sink(); pb_request(req, Ctx(DEFAULT_LIMITS, 0), sink); sink.rejections
+    [Rejection(reason='bad_id', detail='trace_id: expected 16 bytes, not all zero', index=0)]
+    """
     spans_append = sink.spans.append
     for r, rs in enumerate(req.resource_spans):
         res_err: Exception | None = None
@@ -611,6 +662,3 @@ def pb_request(req: Any, ctx: Ctx, sink: Sink) -> None:
                 except Exception as e:
                     sink.bad_span(e, i)
 
-
-__all__ = ["DEFAULT_LIMITS", "Sink", "attrs_kv", "json_count", "json_request", "json_plain",
-           "pb_attrs", "pb_count", "pb_request", "json_span", "pb_span"]

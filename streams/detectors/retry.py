@@ -1,0 +1,817 @@
+"""retry_storm (SPEC §4.2): many retries on one route, or by one session, within 60 s.
+
+Spans are partitioned by session, but a route storm needs all of a route's retries in one place.
+So the detector comes in three pure parts, none of which knows Kafka:
+
+1. :class:`ImplicitRetryTracker` — session-scoped, runs per span in the session pipeline: a failed
+   call followed within 30 s by a call with the same fingerprint in the same session is a retry
+   even without a retry attribute. Its state is ≤ ``max_keys`` pending failures.
+2. :func:`aggregate` — per batch (any sessions): turns spans into small JSON-safe aggregates keyed
+   by route and by session, one bucket per event-time second. Buckets merge associatively and
+   commutatively (:func:`merge`), so the route aggregates of many session partitions can be
+   repartitioned by route and combined in any order.
+3. The cores, fed with aggregates: :class:`RouteRetryStorm` (keyed by route) and
+   :class:`SessionRetryStorm` (keyed by session). ``step(state, aggregate, watermark_ns)``
+   merges and then ``advance``\\ s to the watermark; ``advance`` evaluates a **60-s window sliding
+   over 1-s buckets** at every second that changes it, once the watermark has passed that second.
+   Results therefore depend only on event times — not on how spans were batched — as long as spans
+   are no later than the allowed lateness.
+
+Rules (defaults of :class:`RetryParams`):
+
+* **route storm** — window has ≥ 20 retries from ≥ 5 sessions and retries / attempts ≥ 0.25.
+  Command: ``throttle`` the route; scoped to the tenant (``Finding.tenant``) when one tenant has
+  ≥ 80 % of the window's retries, else to everyone (``Finding.tenant`` is None).
+* **session storm** — window has ≥ 10 retries by one session. Command: ``throttle`` the session,
+  at the floor rate (1/s).
+* ``evidence["rate_limit_per_s"]`` — the rate a route throttle should allow: the successful calls
+  per second in the storm window (times the tenant's share of the retries, when tenant-scoped),
+  floor 1/s. That is what the upstream is accepting right now; in an outage (nothing succeeds) it
+  is the floor.
+* **one incident per episode**: ``open`` at the first hot window that ends with new data (a window
+  that only lost old calls at its start is not a new storm); ``updated`` when the window's
+  retries have doubled since the last report, and (``renew``) ``breaker_ttl_s − renew_before_s``
+  after each command while the storm is not quiet — ``evidence["renew"]`` is then True, so the
+  throttle can be re-issued before it expires; ``resolved`` (``evidence["release"]`` True: publish a
+  ``release``) at the first window ending ≥ one window after the opening whose retries are below
+  half the threshold (or whose ratio is below half) — the hysteresis that keeps a storm hovering at
+  the threshold from flapping.
+
+Retries: ``http.request.resend_count`` (counted as that many retries, the span as 1 + that many
+attempts), ``retry.attempt`` > 0 (1 retry; each attempt is its own span), or implicit (1).
+A *call* is a span with a route (SPEC §3: provider/model, or the tool name) that is no agent span.
+Implicit retries are decided in a session's arrival order (a session's spans stay in one partition,
+in order, so live and replay agree); everything after that depends on event time only.
+
+Wiring (the same for :mod:`streams.detectors.cost`): in the session pipeline, per batch, mark
+implicit retries per session, run :func:`aggregate` once over the batch, feed the ``sessions``
+aggregates to the session cores right there, and send each ``routes`` (``tenants``) aggregate to a
+topic keyed by route (tenant), where the keyed core runs with that stream's watermark. Call
+``advance`` on keys that got no aggregate when ``next_deadline`` is due, and before ``expired``.
+
+>>> from tests.spans import span
+>>> spans = [span(10 + i * 0.5, session=f"s{i % 5}", gen_ai__provider__name="openai",
+...               gen_ai__request__model="gpt-4o", http__request__resend_count=1) for i in range(20)]
+>>> agg = aggregate(spans)
+>>> det = RouteRetryStorm()
+>>> st, found = det.step(det.new_state(), agg["routes"]["openai/gpt-4o"], 30 * 10**9)
+>>> [(f.status, f.scope_key, f.tenant, f.evidence["retries"], f.evidence["rate_limit_per_s"]) for f in found]
+[('open', 'openai/gpt-4o', 'acme', 20, 1.0)]
+>>> st, found = det.advance(st, 200 * 10**9)
+>>> [(f.status, f.evidence["release"]) for f in found]
+[('resolved', True)]
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from streams import semconv
+from streams.detectors.base import Finding
+from streams.detectors.window import OVERFLOW, S, Schema, Sliding, cap_map, merge_sample
+from streams.models import Span
+
+NAME = "retry_storm"
+_SEP = "\x1f"
+MAX_SESSIONS_PER_BUCKET = 64
+MAX_TENANTS_PER_BUCKET = 32
+MAX_ROUTES_PER_BUCKET = 16
+SAMPLE = 5  # retry spans named in evidence
+BUCKET_SAMPLE = 3  # kept per bucket (the window's earliest 5 come from its buckets)
+
+ROUTE_SCHEMA = Schema(
+    sums=("attempts", "calls", "ok", "retries", "implicit"),
+    maps=(("sessions", MAX_SESSIONS_PER_BUCKET), ("tenants", MAX_TENANTS_PER_BUCKET)),
+    samples=(("spans", BUCKET_SAMPLE, False),),
+    mins=("first",),
+    maxs=("last",),
+)
+SESSION_SCHEMA = Schema(
+    sums=("retries", "implicit"),
+    maps=(("routes", MAX_ROUTES_PER_BUCKET),),
+    samples=(("spans", BUCKET_SAMPLE, False),),
+    mins=("first",),
+    maxs=("last",),
+    firsts=("tenant",),
+)
+# what a session core keeps per bucket (the tenant lives in the state)
+_SESSION_STORE = Schema(
+    sums=("retries", "implicit"),
+    maps=(("routes", MAX_ROUTES_PER_BUCKET),),
+    samples=(("spans", BUCKET_SAMPLE, False),),
+    mins=("first",),
+    maxs=("last",),
+)
+_FOLD = (("spans", SAMPLE, True),)  # the latest retry spans the window has seen, for evidence
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True, slots=True)
+class RetryParams:
+    """Parameters of retry_storm (SPEC §4.2 defaults), validated once.
+
+    >>> RetryParams(route_min_ratio=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: route_min_ratio must be in (0, 1], got 1.5
+    >>> RetryParams(window_s=60.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: window_s must be a whole number of seconds >= 1, got 60.5
+    """
+
+    window_s: float = 60.0
+    bucket_s: float = 1.0  # route windows slide in these steps
+    session_bucket_s: float = 5.0  # session windows (many more keys: coarser, smaller state)
+    route_min_retries: int = 20
+    route_min_sessions: int = 5
+    route_min_ratio: float = 0.25
+    session_min_retries: int = 10
+    tenant_share: float = 0.8
+    release_fraction: float = 0.5
+    breaker_ttl_s: float = 120.0
+    renew: bool = True
+    renew_before_s: float = 30.0
+    rate_limit_floor_per_s: float = 1.0
+    idle_ttl_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.window_s < 1 or self.window_s != int(self.window_s):
+            raise ValueError(f"window_s must be a whole number of seconds >= 1, got {self.window_s}")
+        for name in ("bucket_s", "session_bucket_s"):
+            v = getattr(self, name)
+            if v < 1 or v != int(v) or self.window_s % v:
+                raise ValueError(f"{name} must be a whole number of seconds dividing window_s, got {v}")
+        for name in ("route_min_retries", "route_min_sessions", "session_min_retries"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v}")
+        for name in ("route_min_ratio", "tenant_share"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {v}")
+        if not 0 < self.release_fraction < 1:
+            raise ValueError(f"release_fraction must be in (0, 1), got {self.release_fraction}")
+        if self.rate_limit_floor_per_s <= 0:
+            raise ValueError("rate_limit_floor_per_s must be > 0")
+        if self.breaker_ttl_s < 1:
+            raise ValueError("breaker_ttl_s must be >= 1")
+        if not 0 <= self.renew_before_s < self.breaker_ttl_s:
+            raise ValueError("renew_before_s must be >= 0 and < breaker_ttl_s")
+        if self.idle_ttl_s < self.window_s:
+            raise ValueError("idle_ttl_s must be >= window_s")
+
+
+@dataclass(frozen=True, slots=True)
+class ImplicitRetryParams:
+    """How long after a failure a repeat of the same call counts as a retry; state cap.
+
+    >>> ImplicitRetryParams(max_keys=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_keys must be >= 1, got 0
+    """
+
+    window_s: float = 30.0
+    max_keys: int = 64
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {self.window_s}")
+        if self.max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {self.max_keys}")
+
+
+# ----------------------------------------------------------------------------- implicit retries
+
+
+def call_key(span: Span) -> str | None:
+    """What "the same call" means for implicit retries: the tool fingerprint, or the model route.
+
+    >>> from tests.spans import span
+    >>> call_key(span(1, tool="search", args="h1")), call_key(span(1, op="invoke_agent"))
+    ('tool:search\\x1fh1', None)
+    """
+    if semconv.is_agent_span(span):
+        return None
+    if semconv.is_tool_call(span):
+        tool, h = semconv.fingerprint_of(span)
+        return f"tool:{tool}{_SEP}{h or ''}"
+    return semconv.route_of(span)
+
+
+@dataclass(slots=True)
+class ImplicitRetryState:
+    """Per-session: the latest not-yet-retried failure per call key, ``[start_ns, end_ns]``."""
+
+    last_seen_ns: int = 0
+    failures: dict[str, list[int]] = field(default_factory=dict)
+
+
+class ImplicitRetryTracker:
+    """Marks implicit retries in one session's spans (arrival order); run it in the session pipeline.
+
+    A call is an implicit retry when an earlier call with the same :func:`call_key` failed, it starts
+    no earlier than that failure started, ends after it, and starts ≤ ``window_s`` after the failure
+    ended. Each failure is retried at most once (a chain of failures counts each link). A call that
+    already carries a retry attribute consumes the failure but is not marked (it is counted once).
+
+    >>> from tests.spans import span
+    >>> tr = ImplicitRetryTracker()
+    >>> st = tr.new_state()
+    >>> st, a = tr.step(st, span(1, tool="search", status="ERROR"), 0)
+    >>> st, b = tr.step(st, span(5, tool="search"), 0)
+    >>> st, c = tr.step(st, span(9, tool="search"), 0)
+    >>> a, b, c
+    (False, True, False)
+    """
+
+    name = "implicit_retry"
+    scope = "session"
+
+    def __init__(self, params: ImplicitRetryParams | None = None) -> None:
+        self.p = params or ImplicitRetryParams()
+        self._window_ns = int(self.p.window_s * S)
+
+    def new_state(self) -> ImplicitRetryState:
+        return ImplicitRetryState()
+
+    def dump(self, state: ImplicitRetryState) -> dict[str, Any]:
+        return {"last_seen_ns": state.last_seen_ns, "failures": state.failures}
+
+    def load(self, data: dict[str, Any]) -> ImplicitRetryState:
+        return ImplicitRetryState(int(data.get("last_seen_ns", 0)),
+                                  {k: [int(v[0]), int(v[1])] for k, v in data.get("failures", {}).items()})
+
+    def expired(self, state: ImplicitRetryState, watermark_ns: int) -> bool:
+        """Nothing pending can still be retried (no retry can start later than this)."""
+        return state.last_seen_ns + self._window_ns < watermark_ns
+
+    def step(self, state: ImplicitRetryState, span: Span, now_ns: int = 0) -> tuple[ImplicitRetryState, bool]:
+        if span.end_ns > state.last_seen_ns:
+            state.last_seen_ns = span.end_ns
+        key = call_key(span)
+        if key is None:
+            return state, False
+        implicit = False
+        f = state.failures.get(key)
+        if f is not None:
+            if (span.start_ns >= f[0] and span.end_ns > f[1]
+                    and span.start_ns - f[1] <= self._window_ns):
+                del state.failures[key]
+                implicit = semconv.retry_count_of(span) == 0
+            elif span.start_ns - f[1] > self._window_ns:
+                del state.failures[key]
+        if semconv.is_error(span):
+            state.failures[key] = [span.start_ns, span.end_ns]
+            if len(state.failures) > self.p.max_keys:
+                self._evict(state)
+        return state, implicit
+
+    def mark(self, state: ImplicitRetryState, spans: Iterable[Span]) -> tuple[ImplicitRetryState, set[str]]:
+        """:meth:`step` over one session's spans; returns the span ids that are implicit retries."""
+        ids: set[str] = set()
+        for s in spans:
+            state, imp = self.step(state, s)
+            if imp:
+                ids.add(s.span_id)
+        return state, ids
+
+    def _evict(self, state: ImplicitRetryState) -> None:
+        horizon = state.last_seen_ns - self._window_ns
+        for k in [k for k, v in state.failures.items() if v[1] < horizon]:
+            del state.failures[k]
+        while len(state.failures) > self.p.max_keys:
+            victim = min(state.failures, key=lambda k: (state.failures[k][1], k))
+            del state.failures[victim]
+
+
+# ----------------------------------------------------------------------------- pre-aggregation
+
+
+_RESEND = "http.request.resend_count"
+_ATTEMPT = "retry.attempt"
+
+
+def _resends(span: Span) -> int:
+    v = semconv._num(span.attributes.get(_RESEND))
+    return int(v) if v is not None and v > 0 else 0
+
+
+def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """One batch of spans (any sessions) → ``{"routes": {route: agg}, "sessions": {session: agg}}``.
+
+    Each ``agg`` is ``{"kind": "route" | "session", "key": k, "buckets": {"<second>": bucket}}``;
+    buckets are sparse (absent = zero / empty). A route bucket counts every call: ``attempts``,
+    ``calls``, ``ok`` (successful calls), and its retries: ``retries``, ``implicit``, retries per
+    session (``sessions``) and per tenant (``tenants``), the first/last retry time and the 3 earliest
+    retry spans ``[end_ns, span_id, trace_id]``. A session bucket exists only for retries: the
+    retry counts, retries per route, the sample and the tenant. ``implicit`` holds the span ids
+    :class:`ImplicitRetryTracker` marked. Spans that are neither a call nor a retry are skipped.
+
+    >>> from tests.spans import span
+    >>> a = aggregate([span(3.2, tool="search", retry__attempt=1), span(3.7, tool="search")])
+    >>> b = a["routes"]["tool:search"]["buckets"]["3"]
+    >>> b["calls"], b["retries"], b["sessions"], b["tenants"]
+    (2, 1, {'s1': 1}, {'acme': 1})
+    >>> sorted(a["sessions"]["s1"]["buckets"]["3"])
+    ['first', 'last', 'retries', 'routes', 'spans', 'tenant']
+    """
+    if not isinstance(implicit, set | frozenset):
+        implicit = set(implicit)
+    racc: dict[str, dict[int, dict[str, Any]]] = {}
+    sacc: dict[str, dict[int, dict[str, Any]]] = {}
+    call_route_of = semconv.call_route_of
+    for span in spans:
+        a = span.attributes
+        r = resends = imp = 0
+        if _RESEND in a or _ATTEMPT in a:
+            r = semconv.retry_count_of(span)
+            resends = _resends(span)
+        if not r and implicit and span.span_id in implicit:
+            r = imp = 1
+        route = call_route_of(span)
+        if route is None and not r:
+            continue
+        t = span.end_ns
+        sec = t // S
+        rb: dict[str, Any] | None = None
+        if route is not None:
+            per = racc.get(route)
+            if per is None:
+                per = racc[route] = {}
+            rb = per.get(sec)
+            if rb is None:
+                rb = per[sec] = {"attempts": 0, "calls": 0}
+            rb["calls"] += 1
+            rb["attempts"] += 1 + resends
+            if not semconv.is_error(span):
+                rb["ok"] = rb.get("ok", 0) + 1
+        if not r:
+            continue
+        session = semconv.session_of(span)
+        tenant = semconv.tenant_of(span)
+        entry = [t, span.span_id, span.trace_id]
+        per = sacc.get(session)
+        if per is None:
+            per = sacc[session] = {}
+        sb = per.get(sec)
+        if sb is None:
+            sb = per[sec] = {}
+        _add_retry(sb, r, imp, t, entry)
+        if tenant is not None and (sb.get("tenant") is None or tenant < sb["tenant"]):
+            sb["tenant"] = tenant
+        if rb is not None:
+            _add_retry(rb, r, imp, t, entry)
+            m = rb.setdefault("sessions", {})
+            m[session] = m.get(session, 0) + r
+            if tenant is not None:
+                m = rb.setdefault("tenants", {})
+                m[tenant] = m.get(tenant, 0) + r
+            m = sb.setdefault("routes", {})
+            m[route] = m.get(route, 0) + r
+    return {
+        "routes": {k: {"kind": "route", "key": k, "buckets": {str(t): _tidy(b, ROUTE_SCHEMA) for t, b in v.items()}}
+                   for k, v in racc.items()},
+        "sessions": {k: {"kind": "session", "key": k, "buckets": {str(t): _tidy(b, SESSION_SCHEMA)
+                                                                   for t, b in v.items()}}
+                     for k, v in sacc.items()},
+    }
+
+
+def _add_retry(b: dict[str, Any], r: int, imp: int, t: int, entry: list[Any]) -> None:
+    b["retries"] = b.get("retries", 0) + r
+    if imp:
+        b["implicit"] = b.get("implicit", 0) + imp
+    f = b.get("first")
+    if f is None or t < f:
+        b["first"] = t
+    f = b.get("last")
+    if f is None or t > f:
+        b["last"] = t
+    sp = b.get("spans")
+    if sp is None:
+        b["spans"] = [entry]
+    else:
+        sp.append(entry)
+
+
+def _tidy(b: dict[str, Any], sch: Schema) -> dict[str, Any]:
+    for k, cap in sch.maps:
+        m = b.get(k)
+        if m is not None and len(m) > cap:
+            b[k] = cap_map(m, cap)
+    for k, size, largest in sch.samples:
+        v = b.get(k)
+        if v is not None and len(v) > 1:
+            b[k] = merge_sample(v, [], size, largest)
+    return b
+
+
+_SCHEMAS = {"route": ROUTE_SCHEMA, "session": SESSION_SCHEMA}
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Merge two aggregates — keyed ones (same ``kind`` and ``key``) or whole batches
+    (``{"routes", "sessions"}``). Associative and commutative.
+
+    >>> from tests.spans import span
+    >>> x = aggregate([span(1, tool="t", retry__attempt=1)])
+    >>> y = aggregate([span(1.5, tool="t", session="s2", retry__attempt=1)])
+    >>> m = merge(x, y)
+    >>> m["routes"]["tool:t"]["buckets"]["1"]["sessions"]
+    {'s1': 1, 's2': 1}
+    >>> merge(x, y) == merge(y, x)
+    True
+    """
+    if "key" in a:
+        return _SCHEMAS[a["kind"]].merge_keyed(a, b)
+    out: dict[str, Any] = {}
+    for part, kind in (("routes", "route"), ("sessions", "session")):
+        sch = _SCHEMAS[kind]
+        pa, pb = a.get(part, {}), b.get(part, {})
+        out[part] = {k: sch.merge_keyed(pa.get(k) or {"kind": kind, "key": k, "buckets": {}},
+                                        pb.get(k) or {"kind": kind, "key": k, "buckets": {}})
+                     for k in (*pa, *(k for k in pb if k not in pa))}
+    return out
+
+
+# ----------------------------------------------------------------------------- the cores
+
+
+@dataclass(slots=True)
+class StormState:
+    """State of one route or one session. Plain containers only (pickles; JSON via dump/load).
+
+    ``buckets`` maps event-time seconds to buckets still in (or ahead of) the window, ``closed``
+    is the last second evaluated, ``win`` the window's sums.
+    """
+
+    key: str | None = None
+    tenant: str | None = None
+    last_seen_ns: int = 0
+    closed: int | None = None
+    buckets: dict[int, dict[str, Any]] = field(default_factory=dict)
+    win: dict[str, Any] = field(default_factory=dict)
+    late: int = 0
+    episode: dict[str, Any] | None = None
+
+
+class _StormCore:
+    name = NAME
+    scope = "route"
+    schema = ROUTE_SCHEMA
+    severity = "critical"
+
+    def __init__(self, params: RetryParams | None = None) -> None:
+        self.p = params or RetryParams()
+        self._w = int(self.p.window_s)
+        bucket_s = int(self._bucket_s())
+        self._slide = Sliding(self.schema, self._w, bucket_s, fold=_FOLD)
+        self._u = self._slide.unit_ns
+        self._bs = bucket_s
+        self._renew_every = max(1, int((self.p.breaker_ttl_s - self.p.renew_before_s) // bucket_s))
+        self._idle_ns = int(self.p.idle_ttl_s * S)
+
+    def _bucket_s(self) -> float:
+        return self.p.bucket_s
+
+    # -- state plumbing
+    def new_state(self) -> StormState:
+        return StormState()
+
+    def dump(self, state: StormState) -> dict[str, Any]:
+        return {
+            "key": state.key,
+            "tenant": state.tenant,
+            "last_seen_ns": state.last_seen_ns,
+            "closed": state.closed,
+            "buckets": {str(t): b for t, b in state.buckets.items()},
+            "win": state.win,
+            "late": state.late,
+            "episode": state.episode,
+        }
+
+    def load(self, data: dict[str, Any]) -> StormState:
+        return StormState(
+            key=data.get("key"),
+            tenant=data.get("tenant"),
+            last_seen_ns=int(data.get("last_seen_ns", 0)),
+            closed=data.get("closed"),
+            buckets={int(t): b for t, b in (data.get("buckets") or {}).items()},
+            win=data.get("win") or {},
+            late=int(data.get("late", 0)),
+            episode=data.get("episode"),
+        )
+
+    def expired(self, state: StormState, watermark_ns: int) -> bool:
+        """Idle for ``idle_ttl_s`` with no open episode (an open one ends by :meth:`advance` first)."""
+        return state.episode is None and state.last_seen_ns + self._idle_ns < watermark_ns
+
+    def next_deadline(self, state: StormState) -> int | None:
+        """Earliest watermark (ns) at which :meth:`advance` can emit or change the window."""
+        cands = []
+        nxt = self._slide.next_point(state)
+        if nxt is not None:
+            cands.append(nxt)
+        ep = state.episode
+        if ep is not None:
+            for t in (ep["quiet_T"], ep.get("renew_T")):
+                if t is not None and (state.closed is None or t > state.closed):
+                    cands.append((t + 1) * self._u)
+        return min(cands) if cands else None
+
+    # -- the core
+    def step(self, state: StormState, agg: dict[str, Any], now_ns: int) -> tuple[StormState, list[Finding]]:
+        """Merge one keyed aggregate, then :meth:`advance` to ``now_ns`` (the watermark)."""
+        if state.key is None:
+            state.key = agg["key"]
+        buckets = agg.get("buckets") or {}
+        if buckets:
+            dropped, _ = self._slide.absorb(state, buckets)
+            state.late += len(dropped)
+            hi = (max(int(t) for t in buckets) + 1) * S
+            if hi > state.last_seen_ns:
+                state.last_seen_ns = hi
+            for b in buckets.values():
+                t = b.get("tenant")
+                if t is not None and (state.tenant is None or t < state.tenant):
+                    state.tenant = t
+        return self.advance(state, now_ns)
+
+    def advance(self, state: StormState, watermark_ns: int) -> tuple[StormState, list[Finding]]:
+        """Evaluate every window that the watermark has closed since the last call."""
+        findings: list[Finding] = []
+        hi = self._slide.last_complete(watermark_ns)
+        ep = state.episode
+        extra = () if ep is None else tuple(t for t in (ep["quiet_T"], ep.get("renew_T")) if t is not None)
+        heap = self._slide.points(state, watermark_ns, extra)
+        heapq.heapify(heap)
+        last = None
+        while heap:
+            t = heapq.heappop(heap)
+            if t == last:
+                continue
+            last = t
+            entered = self._slide.move(state, t)
+            f = self._evaluate(state, t, entered)
+            if f is not None:
+                findings.append(f)
+            ep = state.episode
+            if ep is not None:  # deadlines of a new or renewed episode
+                for d in (ep["quiet_T"], ep.get("renew_T")):
+                    if d is not None and t < d <= hi:
+                        heapq.heappush(heap, d)
+        self._slide.finish(state, watermark_ns)
+        return state, findings
+
+    # -- rules
+    def _hot(self, win: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _quiet(self, win: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _evaluate(self, st: StormState, t: int, entered: dict[str, Any] | None) -> Finding | None:
+        win = st.win
+        ep = st.episode
+        if ep is None:
+            # A storm opens when new data arrives: a window that only lost data (its start slid
+            # past old calls) could show a higher ratio than any window that ended with new data.
+            if entered is None or not self._hot(win):
+                return None
+            first = min((b["first"] for b in self._slide.in_window(st) if b.get("first") is not None),
+                        default=t * self._u)
+            ep = st.episode = {
+                "open_T": t,
+                "first_ns": first,
+                "last_ns": self._last(st, first),
+                "reported": win.get("retries", 0),
+                "quiet_T": t + self._slide.w,
+                "renew_T": t + self._renew_every if self.p.renew else None,
+                "renewals": 0,
+                "tenant": self._command_tenant(st),
+                "peak": win.get("retries", 0),
+            }
+            return self._finding(st, t, "open")
+        retries = win.get("retries", 0)
+        if entered is not None and entered.get("last", 0) > ep["last_ns"]:
+            ep["last_ns"] = entered["last"]
+        if retries > ep["peak"]:
+            ep["peak"] = retries
+        quiet = self._quiet(win)
+        if quiet and t >= ep["quiet_T"]:
+            f = self._finding(st, t, "resolved")
+            st.episode = None
+            return f
+        grew = entered is not None and retries >= 2 * ep["reported"] and retries > 0
+        renew = ep.get("renew_T") is not None and t >= ep["renew_T"] and not quiet
+        if ep.get("renew_T") is not None and t >= ep["renew_T"]:
+            ep["renew_T"] = t + self._renew_every
+        if not (grew or renew):
+            return None
+        if grew:
+            ep["reported"] = retries
+        if renew:
+            ep["renewals"] += 1
+        return self._finding(st, t, "updated", renew=renew)
+
+    def _last(self, st: StormState, default: int) -> int:
+        return max((b["last"] for b in self._slide.in_window(st) if b.get("last") is not None), default=default)
+
+    def _command_tenant(self, st: StormState) -> str | None:
+        return st.tenant
+
+    def _evidence(self, st: StormState, t: int) -> dict[str, Any]:
+        win = st.win
+        spans = win.get("spans") or []  # the latest retry spans seen, newest first
+        return {
+            "rule": self.scope,
+            "window_s": self._w,
+            "window_end": (t + 1) * self._u,
+            "retries": win.get("retries", 0),
+            "implicit_retries": win.get("implicit", 0),
+            "span_ids": [s[1] for s in spans],
+            "late_buckets": st.late,
+            "_traces": sorted({s[2] for s in spans}),
+        }
+
+    def _rate_limit(self, ok: float) -> float:
+        return round(max(self.p.rate_limit_floor_per_s, ok / self._w), 3)
+
+    def _finding(self, st: StormState, t: int, status: str, renew: bool = False) -> Finding:
+        raise NotImplementedError
+
+
+def _top(m: dict[str, int], n: int) -> list[list[Any]]:
+    items = sorted(((k, v) for k, v in m.items() if k != OVERFLOW), key=lambda kv: (-kv[1], kv[0]))
+    return [[k, v] for k, v in items[:n]]
+
+
+class RouteRetryStorm(_StormCore):
+    """The route-keyed core (feed it ``aggregate(...)["routes"][route]``); see the module doc.
+
+    >>> det = RouteRetryStorm()
+    >>> det.name, det.scope, det.next_deadline(det.new_state())
+    ('retry_storm', 'route', None)
+    """
+
+    scope = "route"
+    schema = ROUTE_SCHEMA
+    severity = "critical"
+
+    def _hot(self, win: dict[str, Any]) -> bool:
+        p = self.p
+        r = win.get("retries", 0)
+        a = win.get("attempts", 0)
+        return (r >= p.route_min_retries and a > 0 and r / a >= p.route_min_ratio
+                and len(win.get("sessions") or ()) >= p.route_min_sessions)
+
+    def _quiet(self, win: dict[str, Any]) -> bool:
+        p = self.p
+        r = win.get("retries", 0)
+        a = win.get("attempts", 0)
+        return r < p.route_min_retries * p.release_fraction or (
+            a > 0 and r / a < p.route_min_ratio * p.release_fraction)
+
+    def _dominant(self, st: StormState) -> tuple[str | None, float]:
+        tenants = st.win.get("tenants") or {}
+        retries = st.win.get("retries", 0)
+        top = _top(tenants, 1)
+        if not top or not retries:
+            return None, 0.0
+        return top[0][0], top[0][1] / retries
+
+    def _command_tenant(self, st: StormState) -> str | None:
+        t, share = self._dominant(st)
+        return t if t is not None and share >= self.p.tenant_share else None
+
+    def _finding(self, st: StormState, t: int, status: str, renew: bool = False) -> Finding:
+        ep = st.episode
+        assert ep is not None
+        ev = self._evidence(st, t)
+        traces = ev.pop("_traces")
+        win = st.win
+        tenant = ep["tenant"]
+        dom, share = self._dominant(st)
+        ok = win.get("ok", 0)
+        if tenant is not None:  # the tenant's part of what the upstream accepts
+            ok = ok * share if tenant == dom else 0
+        sessions = win.get("sessions") or {}
+        attempts = win.get("attempts", 0)
+        ev.update(
+            attempts=attempts,
+            calls=win.get("calls", 0),
+            ok_calls=win.get("ok", 0),
+            retry_ratio=round(ev["retries"] / attempts, 4) if attempts else None,
+            sessions=len(sessions),
+            sessions_capped=OVERFLOW in sessions,
+            top_sessions=_top(sessions, 5),
+            tenants=_top(win.get("tenants") or {}, 5),
+            dominant_tenant=dom,
+            dominant_share=round(share, 4),
+            tenant_scoped=tenant is not None,
+            rate_limit_per_s=self._rate_limit(ok),
+            renew=renew,
+            renewals=ep["renewals"],
+            release=status == "resolved",
+            peak_retries=ep["peak"],
+        )
+        route = st.key or ""
+        who = f"tenant {tenant}" if tenant is not None else f"{len(sessions)} sessions"
+        if status == "resolved":
+            summary = f"Retry storm on route {route} is over: {ev['retries']} retries in the last {self._w} s."
+        else:
+            summary = (f"Retry storm on route {route}: {ev['retries']} retries "
+                       f"({ev['retry_ratio']:.0%} of attempts) in {self._w} s from {who}.")
+        return Finding(
+            detector=NAME,
+            status=status,
+            severity=self.severity,
+            scope_kind="route",
+            scope_key=route,
+            episode=str(ep["open_T"] * self._bs),
+            tenant=tenant,
+            session_id=None,
+            workflow_id=None,
+            trace_ids=traces,
+            first_seen_ns=ep["first_ns"],
+            last_seen_ns=ep["last_ns"],
+            detected_at_ns=(t + 1) * self._u,
+            summary=summary,
+            evidence=ev,
+            action="throttle",
+            command_scope_kind="route",
+            command_scope_key=route,
+            reason="retry_storm:route",
+        )
+
+
+class SessionRetryStorm(_StormCore):
+    """The session-keyed core (feed it ``aggregate(...)["sessions"][session]``; it can run in the
+    session pipeline, no repartition needed).
+
+    >>> from tests.spans import span
+    >>> spans = [span(i, tool="search", retry__attempt=1) for i in range(10)]
+    >>> det = SessionRetryStorm()
+    >>> st, found = det.step(det.new_state(), aggregate(spans)["sessions"]["s1"], 20 * 10**9)
+    >>> [(f.status, f.scope_key, f.command_scope_kind, f.evidence["retries"]) for f in found]
+    [('open', 's1', 'session', 10)]
+    """
+
+    scope = "session"
+    schema = _SESSION_STORE
+    severity = "warning"
+
+    def _bucket_s(self) -> float:
+        return self.p.session_bucket_s
+
+    def _hot(self, win: dict[str, Any]) -> bool:
+        return win.get("retries", 0) >= self.p.session_min_retries
+
+    def _quiet(self, win: dict[str, Any]) -> bool:
+        return win.get("retries", 0) < self.p.session_min_retries * self.p.release_fraction
+
+    def _finding(self, st: StormState, t: int, status: str, renew: bool = False) -> Finding:
+        ep = st.episode
+        assert ep is not None
+        ev = self._evidence(st, t)
+        traces = ev.pop("_traces")
+        ev.update(
+            routes=_top(st.win.get("routes") or {}, 5),
+            rate_limit_per_s=self.p.rate_limit_floor_per_s,
+            renew=renew,
+            renewals=ep["renewals"],
+            release=status == "resolved",
+            peak_retries=ep["peak"],
+        )
+        session = st.key or ""
+        if status == "resolved":
+            summary = f"Session {session} stopped retrying: {ev['retries']} retries in the last {self._w} s."
+        else:
+            summary = f"Session {session} retried {ev['retries']} times in {self._w} s."
+        return Finding(
+            detector=NAME,
+            status=status,
+            severity=self.severity,
+            scope_kind="session",
+            scope_key=session,
+            episode=str(ep["open_T"] * self._bs),
+            tenant=st.tenant,
+            session_id=session,
+            workflow_id=None,
+            trace_ids=traces,
+            first_seen_ns=ep["first_ns"],
+            last_seen_ns=ep["last_ns"],
+            detected_at_ns=(t + 1) * self._u,
+            summary=summary,
+            evidence=ev,
+            action="throttle",
+            command_scope_kind="session",
+            command_scope_key=session,
+            reason="retry_storm:session",
+        )

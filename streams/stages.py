@@ -1,0 +1,204 @@
+"""Keyed stages: which spans each detector family needs, keyed how, and the in-memory runner.
+
+A stage is the unit both drivers share:
+
+* ``session`` — :class:`streams.pipeline.SessionPipeline` (``no_progress_loop``), keyed by session;
+* ``trace`` — ``silent_success``, keyed by trace id (every span of the trace);
+* ``workflow`` — ``plan_deadlock``, keyed by workflow id (only spans that carry plan facts).
+
+Live, each stage has its own repartition topic and faust table (``streams.app``); in replay,
+:class:`MemoryRunner` keeps the states in a dict and the timers in a heap. Both call the same
+``step`` / ``advance`` / ``next_deadline`` / ``expired`` methods below.
+
+>>> from streams.policy import Policy
+>>> [s.name for s in build_stages(Policy())]
+['session', 'trace', 'workflow']
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Callable, Protocol
+
+import orjson
+
+from streams import semconv
+from streams.detectors import deadlock, silent
+from streams.models import Span
+from streams.pipeline import Output, SessionPipeline, outputs_for
+from streams.policy import Policy
+
+STAGE_STATE_VERSION = 1
+SWEEP_EVERY_NS = 60 * 10**9
+END_OF_TIME = 2**63 - 1
+
+
+class Stage(Protocol):
+    name: str
+
+    def key_of(self, span: Span) -> str | None: ...
+    def new_state(self) -> Any: ...
+    def step(self, state: Any, spans: list[Span], watermark_ns: int) -> tuple[Any, list[Output]]: ...
+    def advance(self, state: Any, watermark_ns: int) -> tuple[Any, list[Output]]: ...
+    def next_deadline(self, state: Any) -> int | None: ...
+    def expired(self, state: Any, watermark_ns: int) -> bool: ...
+    def last_seen(self, state: Any) -> int: ...
+    def dump(self, state: Any) -> bytes: ...
+    def load(self, raw: bytes) -> Any: ...
+
+
+class SessionStage(SessionPipeline):
+    """The session stage: :class:`SessionPipeline` plus its key."""
+
+    name = "session"
+
+    def key_of(self, span: Span) -> str | None:
+        return semconv.session_of(span)
+
+    def last_seen(self, state: Any) -> int:
+        return state.last_seen_ns
+
+
+class DetectorStage:
+    """One span-fed detector keyed by ``key_of``; policy mode and TTLs apply per tenant."""
+
+    def __init__(self, name: str, policy: Policy, detector: Any,
+                 key_of: Callable[[Span], str | None]) -> None:
+        self.name = name
+        self.policy = policy
+        self.det = detector
+        self.key_of = key_of  # type: ignore[method-assign]
+
+    def new_state(self) -> Any:
+        return self.det.new_state()
+
+    def step(self, state: Any, spans: list[Span], watermark_ns: int) -> tuple[Any, list[Output]]:
+        findings = []
+        for s in spans:
+            state, fs = self.det.step(state, s, watermark_ns)
+            if fs:
+                findings.extend(fs)
+        return state, outputs_for(self.policy, findings) if findings else []
+
+    def advance(self, state: Any, watermark_ns: int) -> tuple[Any, list[Output]]:
+        state, fs = self.det.advance(state, watermark_ns)
+        return state, outputs_for(self.policy, fs) if fs else []
+
+    def next_deadline(self, state: Any) -> int | None:
+        return self.det.next_deadline(state)
+
+    def expired(self, state: Any, watermark_ns: int) -> bool:
+        return self.det.expired(state, watermark_ns)
+
+    def last_seen(self, state: Any) -> int:
+        return int(getattr(state, "last_seen_ns", 0) or getattr(state, "max_end_ns", 0) or 0)
+
+    def dump(self, state: Any) -> bytes:
+        return orjson.dumps({"v": STAGE_STATE_VERSION, "s": self.det.dump(state)})
+
+    def load(self, raw: bytes) -> Any:
+        d = orjson.loads(raw)
+        if d.get("v") != STAGE_STATE_VERSION:
+            return self.new_state()
+        return self.det.load(d["s"])
+
+
+def _workflow_key(span: Span) -> str | None:
+    return semconv.workflow_of(span) if deadlock.carries_plan(span) else None
+
+
+def _trace_key(span: Span) -> str | None:
+    return span.trace_id
+
+
+def build_stages(policy: Policy) -> list[Any]:
+    """Every stage, in the order their outputs are emitted for one batch."""
+    return [
+        SessionStage(policy),
+        DetectorStage("trace", policy, silent.SilentSuccess(policy.section("silent_success", None).params()),
+                      _trace_key),
+        DetectorStage("workflow", policy,
+                      deadlock.PlanDeadlock(policy.section("plan_deadlock", None).params()), _workflow_key),
+    ]
+
+
+def group(stage: Any, spans: list[Span]) -> dict[str, list[Span]]:
+    """Spans of one batch by the stage's key, in arrival order (spans the stage ignores dropped)."""
+    out: dict[str, list[Span]] = {}
+    for s in spans:
+        k = stage.key_of(s)
+        if k is not None:
+            out.setdefault(k, []).append(s)
+    return out
+
+
+class MemoryRunner:
+    """A stage's states in a dict, its timers in a heap: the replay driver.
+
+    >>> from streams.policy import Policy
+    >>> r = MemoryRunner(build_stages(Policy())[0])
+    >>> r.feed({}, 0), r.fire(0), r.finish()
+    ([], [], [])
+    """
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+        self.states: dict[str, Any] = {}
+        self.heap: list[tuple[int, str]] = []
+        self.next_sweep_ns = 0
+        self.evicted = 0
+
+    def feed(self, groups: dict[str, list[Span]], watermark_ns: int) -> list[Output]:
+        out: list[Output] = []
+        st_new = self.stage.new_state
+        for key, spans in groups.items():
+            st = self.states.get(key)
+            if st is None:
+                st = st_new()
+            st, o = self.stage.step(st, spans, watermark_ns)
+            self.states[key] = st
+            out.extend(o)
+            d = self.stage.next_deadline(st)
+            if d is not None:
+                heapq.heappush(self.heap, (d, key))
+        return out
+
+    def fire(self, watermark_ns: int) -> list[Output]:
+        out: list[Output] = []
+        heap = self.heap
+        while heap and heap[0][0] <= watermark_ns:
+            _, key = heapq.heappop(heap)
+            st = self.states.get(key)
+            if st is None:
+                continue
+            d = self.stage.next_deadline(st)
+            if d is None or d > watermark_ns:
+                continue  # a stale timer: the state's real deadline is (re)pushed elsewhere
+            st, o = self.stage.advance(st, watermark_ns)
+            out.extend(o)
+            if self.stage.expired(st, watermark_ns):
+                del self.states[key]
+                self.evicted += 1
+                continue
+            d = self.stage.next_deadline(st)
+            if d is not None:
+                heapq.heappush(heap, (max(d, watermark_ns + 1) if d <= watermark_ns else d, key))
+        if watermark_ns >= self.next_sweep_ns:
+            self.next_sweep_ns = watermark_ns + SWEEP_EVERY_NS
+            dead = [k for k, st in self.states.items()
+                    if self.stage.next_deadline(st) is None and self.stage.expired(st, watermark_ns)]
+            for k in dead:
+                del self.states[k]
+            self.evicted += len(dead)
+        return out
+
+    def finish(self) -> list[Output]:
+        """End of input: the watermark passes everything; timers fire in key order, state is dropped."""
+        out: list[Output] = []
+        for key in sorted(self.states):
+            _, o = self.stage.advance(self.states[key], END_OF_TIME)
+            out.extend(o)
+        self.evicted += len(self.states)
+        self.states.clear()
+        self.heap.clear()
+        return out
