@@ -54,3 +54,21 @@ def flat_json(spans) -> bytes:
 
 def otlp_proto(spans) -> bytes:
     return encode_spans(spans).SerializeToString()
+
+
+def traced(session: str, children: list[tuple[str, dict, bool]], *, root_attrs: dict | None = None,
+           tenant: str = "acme"):
+    """A root invoke_agent span with children given as (name, attributes, failed)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "test-agent", "tenant.id": tenant}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("breakwater-tests")
+    with tracer.start_as_current_span("invoke_agent", attributes={
+        "gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": session, **(root_attrs or {}),
+    }):
+        for name, attrs, failed in children:
+            with tracer.start_as_current_span(name, attributes={"gen_ai.conversation.id": session, **attrs}) as sp:
+                if failed:
+                    sp.set_status(Status(StatusCode.ERROR, "failed"))
+    provider.shutdown()
+    return list(exporter.get_finished_spans())

@@ -16,7 +16,8 @@ def _hex(seed: str, n: int) -> str:
     return hashlib.blake2b(seed.encode(), digest_size=n // 2).hexdigest()
 
 
-def flat(session: str, i: int, t_s: float, *, tool=None, args=None, op=None, state=None, status="OK", **attrs):
+def flat(session: str, i: int, t_s: float, *, tool=None, args=None, op=None, state=None, status="OK",
+         parent=None, trace=None, events=None, **attrs):
     a = {"gen_ai.conversation.id": session}
     if tool:
         a.update({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool})
@@ -29,9 +30,9 @@ def flat(session: str, i: int, t_s: float, *, tool=None, args=None, op=None, sta
     a.update(attrs)
     end = BASE + int(t_s * S)
     return {
-        "trace_id": _hex(session, 32),
+        "trace_id": _hex(trace or session, 32),
         "span_id": _hex(f"{session}/{i}", 16),
-        "parent_span_id": None,
+        "parent_span_id": _hex(f"{session}/{parent}", 16) if parent is not None else None,
         "name": tool or op or "step",
         "kind": "INTERNAL",
         "start_time_unix_nano": end - S // 5,
@@ -39,11 +40,25 @@ def flat(session: str, i: int, t_s: float, *, tool=None, args=None, op=None, sta
         "status": {"code": status},
         "attributes": a,
         "resource": {"service.name": "agent-svc", "tenant.id": "acme"},
+        **({"events": events} if events else {}),
     }
 
 
 def _seq(session, items):
     return [flat(session, i, t, **kw) for i, (t, kw) in enumerate(items)]
+
+
+def _agent(session, base, children, *, outcome="success", root_status="OK"):
+    """A root invoke_agent span (index 0, ending last) with children (t offset, kwargs)."""
+    kids = [flat(session, i + 1, base + t, parent=0, **kw) for i, (t, kw) in enumerate(children)]
+    end = base + max([t for t, _ in children] + [0]) + 1
+    root = flat(session, 0, end, op="invoke_agent", status=root_status,
+                **({"agent.outcome": outcome} if outcome else {}))
+    return kids + [root]
+
+
+def _plan(session, wf, steps, t):
+    return flat(session, 100 + int(t), t, op="plan", **{"workflow.id": wf, "plan.steps": orjson.dumps(steps).decode()})
 
 
 def scenarios() -> dict[str, tuple[list[dict], str | None]]:
@@ -58,6 +73,27 @@ def scenarios() -> dict[str, tuple[list[dict], str | None]]:
         "polling": (_seq("ok-polling", [(i * 2, {"tool": "job_status", "args": '{"id": 7}'} if i % 2 == 0
                                          else {"op": "chat", "state": f"st{i}"}) for i in range(16)]), None),
         "spread": (_seq("ok-spread", [(i * 400, {"tool": "search", "args": q}) for i in range(4)]), None),
+        # silent_success: the agent reports success although a tool failed and was never retried
+        "silent-failed-tool": (_agent("silent-fail", 3000, [
+            (1, {"tool": "charge_card", "args": '{"amount": 5}', "status": "ERROR"}),
+            (2, {"op": "chat", "state": "a"})]), "failed_tool"),
+        "silent-unverified": (_agent("silent-unver", 3100, [
+            (1, {"tool": "delete_rows", "args": '{"t": 1}', "tool.action_class": "mutation"})]),
+            "unverified_mutation"),
+        "ok-retried": (_agent("ok-retried", 3200, [
+            (1, {"tool": "http_get", "args": '{"u": 1}', "status": "ERROR"}),
+            (3, {"tool": "http_get", "args": '{"u": 1}'})]), None),
+        "ok-verified": (_agent("ok-verified", 3300, [
+            (1, {"tool": "write_file", "args": '{"p": 1}', "tool.action_class": "mutation",
+                 "tool.verification_status": "verified"})]), None),
+        "ok-admitted-failure": (_agent("ok-admitted", 3400, [
+            (1, {"tool": "charge_card", "args": '{"amount": 5}', "status": "ERROR"})], outcome="failure"), None),
+        # plan_deadlock: a 3-cycle declared across two revisions of the plan; a diamond DAG is fine
+        "deadlock": ([_plan("dl", "wf-dead", [{"id": "a", "depends_on": ["b"]}, {"id": "b", "depends_on": ["c"]}], 4000),
+                      _plan("dl", "wf-dead", [{"id": "c", "depends_on": ["a"]}], 4005)], "deadlock"),
+        "ok-diamond": ([_plan("dia", "wf-ok", [{"id": "a", "depends_on": []}, {"id": "b", "depends_on": ["a"]},
+                                               {"id": "c", "depends_on": ["a"]}, {"id": "d", "depends_on": ["b", "c"]}],
+                              4100)], None),
     }
 
 

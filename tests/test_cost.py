@@ -103,7 +103,7 @@ def test_session_rate_evidence():
     # $7.90 left at $2.10/min
     assert ev["projected_s_to_budget"] == pytest.approx(7.9 / (2.1 / 60), abs=0.1)
     assert len(ev["costliest"]) == 3 and ev["span_ids"] == [c["span_id"] for c in ev["costliest"]]
-    assert op.detected_at_ns == 107 * S  # the window ending at second 106, closed
+    assert op.detected_at_ns == 110 * S  # the window ending with the 5-s bucket 105–110, closed
 
 
 def test_unpriced_spans_are_counted_in_evidence():
@@ -313,3 +313,13 @@ def test_params_validated_once():
     with pytest.raises(ValueError, match="window_s"):
         CostParams(window_s=0.5)
     assert math.isclose(CostParams().session_rate_usd, 2.0)
+
+
+@pytest.mark.parametrize("bucket_s", [1, 10, 60])
+def test_other_bucket_widths_are_batching_independent_too(bucket_s):
+    p = CostParams(bucket_s=bucket_s)
+    spans = _mixed()
+    want = canon(run(spans, cost_params=p))
+    assert any(f["reason"] == "cost_velocity:rate" for f in want)
+    for batch in (1, 13):
+        assert canon(run(spans, batch=batch, cost_params=p)) == want

@@ -12,6 +12,15 @@ import pytest
 from tests.scenarios import scenarios, write_all
 
 
+def _label(incident: dict) -> str:
+    ev = incident["evidence"]
+    if incident["detector"] == "no_progress_loop":
+        return ev["rule"]
+    if incident["detector"] == "silent_success":
+        return ev["gaps"][0]["kind"]
+    return "deadlock"
+
+
 def replay(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "streams", "replay", *args], input=stdin,
                           capture_output=True, timeout=120, check=False)
@@ -28,13 +37,16 @@ def test_finds_each_loop_and_nothing_benign(files, fmt, tmp_path):
     r = replay(str(files[fmt]), "--commands", str(cmds))
     assert r.returncode == 0, r.stderr.decode()
     incidents = [orjson.loads(line) for line in r.stdout.splitlines()]
-    opened = {i["session_id"]: i["evidence"]["rule"] for i in incidents if i["status"] == "open"}
+    opened = {i["session_id"]: _label(i) for i in incidents if i["status"] == "open"}
     want = {spans[0]["attributes"]["gen_ai.conversation.id"]: rule
             for spans, rule in scenarios().values() if rule is not None}
     assert opened == want
     commands = [orjson.loads(line) for line in cmds.read_bytes().splitlines()]
-    assert {c["scope"]["key"] for c in commands} == set(want)
-    assert all(c["action"] == "halt" and c["mode"] == "enforce" for c in commands)
+    actions = {(c["detector"], c["action"], c["scope"]["kind"]) for c in commands}
+    assert actions == {("no_progress_loop", "halt", "session"), ("silent_success", "hold", "session"),
+                       ("plan_deadlock", "halt", "workflow")}
+    assert {c["scope"]["key"] for c in commands if c["scope"]["kind"] == "workflow"} == {"wf-dead"}
+    assert all(c["mode"] == "enforce" for c in commands)
     # privacy: no raw tool arguments anywhere in the outputs
     assert b"SECRET" not in r.stdout + cmds.read_bytes() + r.stderr
     assert b"0 rejected" in r.stderr

@@ -352,3 +352,13 @@ def test_params_validated_once():
         RetryParams(breaker_ttl_s=30, renew_before_s=30)
     with pytest.raises(ValueError, match="route_min_sessions"):
         RetryParams(route_min_sessions=0)
+
+
+@pytest.mark.parametrize(("bucket_s", "session_bucket_s"), [(1, 1), (5, 10), (60, 60)])
+def test_other_bucket_widths_are_batching_independent_too(bucket_s, session_bucket_s):
+    p = RetryParams(bucket_s=bucket_s, session_bucket_s=session_bucket_s)
+    spans = _mixed()
+    want = canon(run(spans, retry_params=p))
+    assert {b[0] for b in retry_only(run(spans, retry_params=p))} == {"route", "session"}
+    for batch in (1, 13):
+        assert canon(run(spans, batch=batch, retry_params=p)) == want

@@ -10,8 +10,8 @@ Like retry_storm, in pure parts that know nothing of Kafka:
    ``create_agent``) summarize their children and are skipped unless ``count_agent_spans``.
    :func:`merge` combines aggregates associatively and commutatively.
 2. :class:`SessionCostVelocity` (keyed by session; runs in the session pipeline):
-   **rate** — more than $2 within a 60-s window sliding over 1-s buckets (evaluated once the
-   watermark passes each second); **budget** — more than $10 in total (``reason: budget``).
+   **rate** — more than $2 within a 60-s window sliding in 5-s steps (``bucket_s``; evaluated
+   once the watermark passes each step); **budget** — more than $10 in total (``reason: budget``).
    Command: ``halt`` the session. The rate episode resolves (incident only —
    ``evidence["release"]`` is False: a halt is not lifted because the halted session went quiet) once a window ≥ one window after the opening spends below half the threshold; the
    budget episode never resolves. Both update when the figure has doubled since the last report.
@@ -32,14 +32,15 @@ Like retry_storm, in pure parts that know nothing of Kafka:
    minute that is no longer anomalous at half the thresholds, or that had no activity.
 
 Evidence: the rate (USD per minute), baseline mean / σ, z, spend, total, budget and projected
-seconds to it, model calls, unpriced spans, the costliest span ids.
+seconds to it, model calls, unpriced spans, the costliest span ids (a session: its costliest so
+far; a tenant: the minute's).
 
 >>> from tests.spans import span
 >>> spans = [span(10 + i, gen_ai__request__model="m", gen_ai__usage__cost=0.3) for i in range(8)]
 >>> det = SessionCostVelocity()
 >>> st, found = det.step(det.new_state(), aggregate(spans)["sessions"]["s1"], 30 * 10**9)
 >>> [(f.status, f.reason, f.evidence["spend_usd"]) for f in found]
-[('open', 'cost_velocity:rate', 2.1)]
+[('open', 'cost_velocity:rate', 2.4)]
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ _COUNTS = ("nusd", "calls", "unpriced")
 SESSION_SCHEMA = Schema(sums=_COUNTS, samples=(("top", TOP, True),), mins=("first",), maxs=("last",),
                         firsts=("tenant",))
 TENANT_SCHEMA = Schema(sums=_COUNTS, samples=(("top", TOP, True),), mins=("first",), maxs=("last",))
+# what the session core keeps per bucket (tenant in the state; "top" folded into the state on entry)
+_SESSION_STORE = Schema(sums=_COUNTS, samples=(("top", TOP, True),), mins=("first",), maxs=("last",))
 
 
 def usd(nusd: int) -> float:
@@ -95,6 +98,7 @@ class CostParams:
     """
 
     window_s: float = 60.0
+    bucket_s: float = 5.0  # the session window slides in these steps
     session_rate_usd: float = 2.0  # per window
     session_budget_usd: float = 10.0
     release_fraction: float = 0.5
@@ -115,6 +119,8 @@ class CostParams:
     def __post_init__(self) -> None:
         if self.window_s < 1 or self.window_s != int(self.window_s):
             raise ValueError(f"window_s must be a whole number of seconds >= 1, got {self.window_s}")
+        if self.bucket_s < 1 or self.bucket_s != int(self.bucket_s) or self.window_s % self.bucket_s:
+            raise ValueError(f"bucket_s must be a whole number of seconds dividing window_s, got {self.bucket_s}")
         for name in ("session_rate_usd", "session_budget_usd", "z_threshold", "min_std_usd",
                      "rate_limit_floor_per_s", "tenant_budget_period_s"):
             v = getattr(self, name)
@@ -353,7 +359,8 @@ class SessionCostVelocity:
     def __init__(self, params: CostParams | None = None) -> None:
         self.p = params or CostParams()
         self._w = int(self.p.window_s)
-        self._slide = Sliding(SESSION_SCHEMA, self._w)
+        self._slide = Sliding(_SESSION_STORE, self._w, int(self.p.bucket_s), fold=(("top", TOP, True),))
+        self._u = self._slide.unit_ns
         self._rate = int(round(self.p.session_rate_usd * NANO))
         self._budget = int(round(self.p.session_budget_usd * NANO))
         self._ttl_ns = int(self.p.session_ttl_s * S)
@@ -381,7 +388,7 @@ class SessionCostVelocity:
             cands.append(nxt)
         ep = state.rate_ep
         if ep is not None and (state.closed is None or ep["quiet_T"] > state.closed):
-            cands.append((ep["quiet_T"] + 1) * S)
+            cands.append((ep["quiet_T"] + 1) * self._u)
         return min(cands) if cands else None
 
     def step(self, state: SessionCostState, agg: dict[str, Any], now_ns: int) -> tuple[SessionCostState, list[Finding]]:
@@ -409,7 +416,7 @@ class SessionCostVelocity:
     def advance(self, state: SessionCostState, watermark_ns: int) -> tuple[SessionCostState, list[Finding]]:
         """Evaluate every window the watermark has closed since the last call."""
         findings: list[Finding] = []
-        hi = watermark_ns // S - 1
+        hi = self._slide.last_complete(watermark_ns)
         ep = state.rate_ep
         heap = self._slide.points(state, watermark_ns, () if ep is None else (ep["quiet_T"],))
         heapq.heapify(heap)
@@ -439,7 +446,7 @@ class SessionCostVelocity:
         if ep is None:
             if spend > self._rate:
                 st.rate_ep = {"open_T": t, "first_ns": self._first(st, t), "last_ns": self._last(st, t),
-                              "reported": spend, "quiet_T": t + self._w}
+                              "reported": spend, "quiet_T": t + self._slide.w}
                 out.append(self._finding(st, t, "rate", "open"))
         else:
             if last is not None and last > ep["last_ns"]:
@@ -466,7 +473,7 @@ class SessionCostVelocity:
         return out
 
     def _first(self, st: SessionCostState, t: int) -> int:
-        return min((b["first"] for b in self._slide.in_window(st) if b.get("first") is not None), default=t * S)
+        return min((b["first"] for b in self._slide.in_window(st) if b.get("first") is not None), default=t * self._u)
 
     def _last(self, st: SessionCostState, default: int) -> int:
         return max((b["last"] for b in self._slide.in_window(st) if b.get("last") is not None), default=default)
@@ -475,13 +482,9 @@ class SessionCostVelocity:
         ep = st.rate_ep if rule == "rate" else st.budget_ep
         assert ep is not None
         spend = st.win.get("nusd", 0)
-        top: list[list[Any]] = []
-        calls = unpriced = 0
-        for b in self._slide.in_window(st):
-            if b.get("top"):
-                top = merge_sample(top, b["top"], TOP, True)
-            calls += b.get("calls", 0)
-            unpriced += b.get("unpriced", 0)
+        top = st.win.get("top") or []  # the session's costliest spans so far
+        calls = st.win.get("calls", 0)
+        unpriced = st.win.get("unpriced", 0)
         per_s = spend / NANO / self._w
         left = (self._budget - st.total_nusd) / NANO
         if left <= 0:
@@ -521,14 +524,14 @@ class SessionCostVelocity:
             severity="critical",
             scope_kind="session",
             scope_key=session,
-            episode=f"{rule}:{ep['open_T']}",
+            episode=f"{rule}:{ep['open_T'] * int(self.p.bucket_s)}",
             tenant=st.tenant,
             session_id=session,
             workflow_id=None,
             trace_ids=sorted({e[2] for e in top}),
             first_seen_ns=ep["first_ns"],
             last_seen_ns=ep["last_ns"],
-            detected_at_ns=(t + 1) * S,
+            detected_at_ns=(t + 1) * self._u,
             summary=summary,
             evidence=ev,
             action="halt",

@@ -12,10 +12,11 @@ So the detector comes in three pure parts, none of which knows Kafka:
    repartitioned by route and combined in any order.
 3. The cores, fed with aggregates: :class:`RouteRetryStorm` (keyed by route) and
    :class:`SessionRetryStorm` (keyed by session). ``step(state, aggregate, watermark_ns)``
-   merges and then ``advance``\\ s to the watermark; ``advance`` evaluates a **60-s window sliding
-   over 1-s buckets** at every second that changes it, once the watermark has passed that second.
-   Results therefore depend only on event times — not on how spans were batched — as long as spans
-   are no later than the allowed lateness.
+   merges and then advances to the watermark; ``advance`` evaluates a **60-s window sliding
+   in 1-s steps** (routes) or **5-s steps** (sessions: many more keys, so coarser and smaller
+   state) at every step that changes it, once the watermark has passed that step. Results
+   therefore depend only on event times — not on how spans were batched — as long as spans are no
+   later than the allowed lateness.
 
 Rules (defaults of :class:`RetryParams`):
 
@@ -24,6 +25,7 @@ Rules (defaults of :class:`RetryParams`):
   ≥ 80 % of the window's retries, else to everyone (``Finding.tenant`` is None).
 * **session storm** — window has ≥ 10 retries by one session. Command: ``throttle`` the session,
   at the floor rate (1/s).
+* ``evidence["span_ids"]`` — the latest 5 retry spans the window has seen.
 * ``evidence["rate_limit_per_s"]`` — the rate a route throttle should allow: the successful calls
   per second in the storm window (times the tenant's share of the retries, when tenant-scoped),
   floor 1/s. That is what the upstream is accepting right now; in an outage (nothing succeeds) it
@@ -79,7 +81,7 @@ MAX_SESSIONS_PER_BUCKET = 64
 MAX_TENANTS_PER_BUCKET = 32
 MAX_ROUTES_PER_BUCKET = 16
 SAMPLE = 5  # retry spans named in evidence
-BUCKET_SAMPLE = 3  # kept per bucket (the window's earliest 5 come from its buckets)
+BUCKET_SAMPLE = 3  # earliest retry spans kept per bucket until it enters the window
 
 ROUTE_SCHEMA = Schema(
     sums=("attempts", "calls", "ok", "retries", "implicit"),
