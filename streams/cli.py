@@ -124,6 +124,20 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(duration_s=args.duration, seed=args.seed)
 
 
+def cmd_breaker_release(args: argparse.Namespace) -> int:
+    from streams.admin import manual_release_command, publish_release
+
+    settings = _settings(args)
+    try:
+        cmd = manual_release_command(args.scope, reason=args.reason, tenant=args.tenant)
+    except ValueError as exc:
+        print(f"breakwater breaker release: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(publish_release(settings, cmd))
+    print(cmd.model_dump_json())
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import main as bench_main
 
@@ -179,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     d.add_argument("--seed", type=int, default=7)
     d.set_defaults(fn=cmd_dev)
+    br = sub.add_parser("breaker", help="operator actions on breaker commands")
+    brs = br.add_subparsers(dest="breaker_cmd", required=True)
+    rel = brs.add_parser("release", help="publish a manual release for a scope (KIND:KEY, e.g. session:abc)")
+    rel.add_argument("scope")
+    rel.add_argument("--reason", required=True, help="why (recorded in the command)")
+    rel.add_argument("--tenant", help="tenant of a route/tool scope")
+    rel.add_argument("--broker")
+    rel.set_defaults(fn=cmd_breaker_release)
+
     b = sub.add_parser("bench", help="throughput and memory, as ratios to a ceiling measured in the same run")
     b.add_argument("--sessions", type=int, default=2000, help="simulated sessions in the replay file")
     b.add_argument("--memory-sessions", type=int, default=50_000)

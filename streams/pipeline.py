@@ -29,7 +29,7 @@ import orjson
 from streams.detectors.base import Finding
 from streams.detectors.loop import NoProgressLoop
 from streams.models import Span
-from streams.policy import Policy, apply
+from streams.policy import Policy, apply, release
 
 STATE_VERSION = 1
 
@@ -48,8 +48,17 @@ class Output:
     mode: str = ""
 
 
-def outputs_for(policy: Policy, findings: list[Finding]) -> list[Output]:
-    """Findings → serialized incidents and commands (the incident precedes its command)."""
+def _command_output(command: Any, at_ns: int) -> Output:
+    return Output("breaker", command.kafka_key(), command.model_dump_json().encode(),
+                  command.detector or "", command.action, at_ns, "", command.mode)
+
+
+def outputs_for(policy: Policy, findings: list[Finding], breakers: dict[str, list] | None = None) -> list[Output]:
+    """Findings → serialized incidents and commands (the incident precedes its command).
+
+    ``breakers`` (part of the caller's state) tracks the commands this key has issued and not yet
+    released: an episode that resolves releases its command at once (early release).
+    """
     out: list[Output] = []
     for f in findings:
         incident, command = apply(policy, f)
@@ -57,9 +66,31 @@ def outputs_for(policy: Policy, findings: list[Finding]) -> list[Output]:
             out.append(Output("incident", incident.incident_id.encode(), incident.model_dump_json().encode(),
                               f.detector, f.status, f.detected_at_ns, incident.severity, incident.policy_mode))
         if command is not None:
-            out.append(Output("breaker", command.kafka_key(), command.model_dump_json().encode(),
-                              f.detector, command.action, f.detected_at_ns, "", command.mode))
+            out.append(_command_output(command, f.detected_at_ns))
+            if breakers is not None:
+                ttl_ns = int(policy.breaker_ttl_s(f.detector, f.tenant) * 1e9)
+                breakers[command.command_id] = [
+                    command.command_id, f.detected_at_ns + ttl_ns, command.incident_id, f.detector,
+                    command.scope.kind, command.scope.key, command.scope.tenant, command.mode]
+        elif (f.status == "resolved" and breakers and incident is not None
+              and incident.breaker_command_id in breakers):
+            active = breakers.pop(incident.breaker_command_id)
+            out.append(_command_output(release(policy, active, f.detected_at_ns, f"resolved: {f.reason}"),
+                                       f.detected_at_ns))
     return out
+
+
+def expire_breakers(policy: Policy, breakers: dict[str, list], watermark_ns: int) -> list[Output]:
+    """Release every command whose TTL the watermark has passed (release at expiry)."""
+    out: list[Output] = []
+    for cid in sorted(c for c, a in breakers.items() if a[1] <= watermark_ns):
+        active = breakers.pop(cid)
+        out.append(_command_output(release(policy, active, active[1], "expired"), active[1]))
+    return out
+
+
+def breakers_deadline(breakers: dict[str, list]) -> int | None:
+    return min((a[1] for a in breakers.values()), default=None)
 
 
 @dataclass(slots=True)
@@ -101,17 +132,23 @@ class SessionPipeline:
             if fs:
                 findings.extend(fs)
         state.loop = loop_state
-        return state, outputs_for(self.policy, findings) if findings else []
+        if not findings:
+            return state, []
+        return state, outputs_for(self.policy, findings, state.extra.setdefault("breakers", {}))
 
     def advance(self, state: SessionState, watermark_ns: int) -> tuple[SessionState, list[Output]]:
-        """Fire timers the watermark has passed (the loop detector has none; later detectors do)."""
-        return state, []
+        """Fire timers the watermark has passed: releases of expired commands."""
+        b = state.extra.get("breakers")
+        return state, expire_breakers(self.policy, b, watermark_ns) if b else []
 
     def next_deadline(self, state: SessionState) -> int | None:
         """Event time at which :meth:`advance` has work for this session, if any."""
-        return None
+        b = state.extra.get("breakers")
+        return breakers_deadline(b) if b else None
 
     def expired(self, state: SessionState, watermark_ns: int) -> bool:
+        if state.extra.get("breakers"):
+            return False
         return self._loop(state.loop.tenant).expired(state.loop, watermark_ns)
 
     # -- persistence (faust table values, and the conformance test)

@@ -266,3 +266,26 @@ def apply(policy: Policy, f: Finding) -> tuple[Incident | None, BreakerCommand |
         policy_mode=mode,
     )
     return incident, command
+
+
+def release(policy: Policy, active: list, at_ns: int, reason: str) -> BreakerCommand:
+    """The ``release`` of an active command (``active`` is a :class:`streams.pipeline` breaker entry:
+    ``[command_id, expires_ns, incident_id, detector, scope_kind, scope_key, tenant, mode]``).
+
+    >>> active = ["cmd-1", 5, "inc-1", "no_progress_loop", "session", "s1", "t", "enforce"]
+    >>> c = release(Policy(), active, 10**9, "expired")
+    >>> c.action, c.scope.key, c.reason, c.command_id == release(Policy(), active, 0, "resolved").command_id
+    ('release', 's1', 'expired', True)
+    """
+    command_id, _, incident_id, detector, kind, key, tenant, mode = active
+    return BreakerCommand(
+        command_id=stable_id("cmd", command_id, "release"),
+        action="release",
+        scope=CommandScope(kind=kind, key=key, tenant=tenant),
+        mode=mode,
+        reason=reason,
+        detector=detector,
+        incident_id=incident_id,
+        issued_at=rfc3339(at_ns),
+        expires_at=None,
+    )

@@ -9,7 +9,7 @@ input order). Bad lines are counted on stderr by reason and never stop the run.
 >>> out, cmds = io.BytesIO(), io.BytesIO()
 >>> stats = run([io.BytesIO(data)], out, cmds)
 >>> stats.spans, stats.incidents, stats.commands, dict(stats.rejected)
-(3, 1, 1, {'bad_json': 1})
+(3, 1, 2, {'bad_json': 1})
 """
 
 from __future__ import annotations

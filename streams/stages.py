@@ -18,6 +18,7 @@ Live, each stage has its own repartition topic and faust table (``streams.app``)
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import orjson
@@ -25,7 +26,7 @@ import orjson
 from streams import semconv
 from streams.detectors import deadlock, silent
 from streams.models import Span
-from streams.pipeline import Output, SessionPipeline, outputs_for
+from streams.pipeline import Output, SessionPipeline, breakers_deadline, expire_breakers, outputs_for
 from streams.policy import Policy
 
 STAGE_STATE_VERSION = 1
@@ -59,6 +60,14 @@ class SessionStage(SessionPipeline):
         return state.last_seen_ns
 
 
+@dataclass(slots=True)
+class StageState:
+    """A detector's state plus the breaker commands this key issued and has not released."""
+
+    det: Any
+    breakers: dict[str, list] = field(default_factory=dict)
+
+
 class DetectorStage:
     """One span-fed detector keyed by ``key_of``; policy mode and TTLs apply per tenant."""
 
@@ -69,38 +78,48 @@ class DetectorStage:
         self.det = detector
         self.key_of = key_of  # type: ignore[method-assign]
 
-    def new_state(self) -> Any:
-        return self.det.new_state()
+    def new_state(self) -> StageState:
+        return StageState(self.det.new_state())
 
-    def step(self, state: Any, spans: list[Span], watermark_ns: int) -> tuple[Any, list[Output]]:
+    def step(self, state: StageState, spans: list[Span], watermark_ns: int) -> tuple[StageState, list[Output]]:
         findings = []
+        det_state = state.det
         for s in spans:
-            state, fs = self.det.step(state, s, watermark_ns)
+            det_state, fs = self.det.step(det_state, s, watermark_ns)
             if fs:
                 findings.extend(fs)
-        return state, outputs_for(self.policy, findings) if findings else []
+        state.det = det_state
+        return state, outputs_for(self.policy, findings, state.breakers) if findings else []
 
-    def advance(self, state: Any, watermark_ns: int) -> tuple[Any, list[Output]]:
-        state, fs = self.det.advance(state, watermark_ns)
-        return state, outputs_for(self.policy, fs) if fs else []
+    def advance(self, state: StageState, watermark_ns: int) -> tuple[StageState, list[Output]]:
+        state.det, fs = self.det.advance(state.det, watermark_ns)
+        out = outputs_for(self.policy, fs, state.breakers) if fs else []
+        if state.breakers:
+            out.extend(expire_breakers(self.policy, state.breakers, watermark_ns))
+        return state, out
 
-    def next_deadline(self, state: Any) -> int | None:
-        return self.det.next_deadline(state)
+    def next_deadline(self, state: StageState) -> int | None:
+        d = self.det.next_deadline(state.det)
+        b = breakers_deadline(state.breakers) if state.breakers else None
+        if d is None:
+            return b
+        return d if b is None else min(d, b)
 
-    def expired(self, state: Any, watermark_ns: int) -> bool:
-        return self.det.expired(state, watermark_ns)
+    def expired(self, state: StageState, watermark_ns: int) -> bool:
+        return not state.breakers and self.det.expired(state.det, watermark_ns)
 
-    def last_seen(self, state: Any) -> int:
-        return int(getattr(state, "last_seen_ns", 0) or getattr(state, "max_end_ns", 0) or 0)
+    def last_seen(self, state: StageState) -> int:
+        st = state.det
+        return int(getattr(st, "last_seen_ns", 0) or getattr(st, "max_end_ns", 0) or 0)
 
-    def dump(self, state: Any) -> bytes:
-        return orjson.dumps({"v": STAGE_STATE_VERSION, "s": self.det.dump(state)})
+    def dump(self, state: StageState) -> bytes:
+        return orjson.dumps({"v": STAGE_STATE_VERSION, "s": self.det.dump(state.det), "b": state.breakers})
 
-    def load(self, raw: bytes) -> Any:
+    def load(self, raw: bytes) -> StageState:
         d = orjson.loads(raw)
         if d.get("v") != STAGE_STATE_VERSION:
             return self.new_state()
-        return self.det.load(d["s"])
+        return StageState(self.det.load(d["s"]), d.get("b") or {})
 
 
 def _workflow_key(span: Span) -> str | None:

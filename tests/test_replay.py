@@ -41,7 +41,13 @@ def test_finds_each_loop_and_nothing_benign(files, fmt, tmp_path):
     want = {spans[0]["attributes"]["gen_ai.conversation.id"]: rule
             for spans, rule in scenarios().values() if rule is not None}
     assert opened == want
-    commands = [orjson.loads(line) for line in cmds.read_bytes().splitlines()]
+    every = [orjson.loads(line) for line in cmds.read_bytes().splitlines()]
+    commands = [c for c in every if c["action"] != "release"]
+    releases = [c for c in every if c["action"] == "release"]
+    # at the end of input the watermark passes every TTL: each command is released at its expiry
+    assert sorted((r["incident_id"], r["issued_at"]) for r in releases) == sorted(
+        (c["incident_id"], c["expires_at"]) for c in commands)
+    assert all(r["reason"] == "expired" and r["expires_at"] is None for r in releases)
     actions = {(c["detector"], c["action"], c["scope"]["kind"]) for c in commands}
     assert actions == {("no_progress_loop", "halt", "session"), ("silent_success", "hold", "session"),
                        ("plan_deadlock", "halt", "workflow")}

@@ -54,7 +54,7 @@ from river import stats
 
 from streams import semconv
 from streams.detectors.base import Finding
-from streams.detectors.window import S, Schema, Sliding, merge_sample
+from streams.detectors.window import S, Schema, Sliding, canonical_sample
 from streams.models import Span
 from streams.pricing import PriceTable, span_cost
 
@@ -168,10 +168,13 @@ def aggregate(spans: Iterable[Span], prices: PriceTable | None = None, *,
     >>> b["nusd"], b["calls"], b["unpriced"]
     (2500000, 2, 1)
     """
-    tacc: dict[str, dict[int, dict[str, Any]]] = {}
-    sacc: dict[str, dict[int, dict[str, Any]]] = {}
+    # accumulate in lists [nusd, calls, unpriced, first, last, top, tenant]; sparse dicts at the end
+    tacc: dict[str, dict[int, list[Any]]] = {}
+    sacc: dict[str, dict[int, list[Any]]] = {}
     operation_of = semconv.operation_of
     is_model_call = semconv.is_model_call
+    session_of = semconv.session_of
+    tenant_of = semconv.tenant_of
     agent_ops = semconv.AGENT_OPERATIONS
     for span in spans:
         op = operation_of(span)
@@ -179,65 +182,65 @@ def aggregate(spans: Iterable[Span], prices: PriceTable | None = None, *,
             continue
         call = is_model_call(span, op)
         c = span_cost(span, prices, model_call=call)
-        if c is not None and c <= 0 and not call:
+        if c is None:
+            nusd, unpriced = 0, 1
+        elif c > 0:
+            nusd, unpriced = int(c * NANO + 0.5), 0
+        elif call:
+            nusd, unpriced = 0, 0
+        else:
             continue
-        nusd = 0 if c is None else int(round(c * NANO))
-        session = semconv.session_of(span)
-        tenant = semconv.tenant_of(span)
+        session = session_of(span)
+        tenant = tenant_of(span)
         t = span.end_ns
-        entry = [nusd, span.span_id, span.trace_id, session] if nusd > 0 else None
-        per = sacc.get(session)
-        if per is None:
-            per = sacc[session] = {}
-        sec = t // S
-        b = per.get(sec)
-        if b is None:
-            b = per[sec] = {}
-        _count(b, nusd, call, c is None, t, entry)
-        if tenant is not None:
-            if b.get("tenant") is None or tenant < b["tenant"]:
-                b["tenant"] = tenant
-            per = tacc.get(tenant)
+        entry = [nusd, span.span_id, span.trace_id, session] if nusd else None
+        for acc, key, idx in ((sacc, session, t // S), (tacc, tenant, t // MIN_NS)):
+            if key is None:
+                continue
+            per = acc.get(key)
             if per is None:
-                per = tacc[tenant] = {}
-            minute = t // MIN_NS
-            b = per.get(minute)
-            if b is None:
-                b = per[minute] = {}
-            _count(b, nusd, call, c is None, t, entry)
+                per = acc[key] = {}
+            a = per.get(idx)
+            if a is None:
+                per[idx] = [nusd, call, unpriced, t, t, [entry] if entry else None, tenant]
+                continue
+            a[0] += nusd
+            a[1] += call
+            a[2] += unpriced
+            if t < a[3]:
+                a[3] = t
+            if t > a[4]:
+                a[4] = t
+            if entry:
+                if a[5] is None:
+                    a[5] = [entry]
+                else:
+                    a[5].append(entry)
+            if tenant is not None and (a[6] is None or tenant < a[6]):
+                a[6] = tenant
     return {
-        "tenants": {k: {"kind": "tenant", "key": k, "buckets": {str(m): _tidy(b) for m, b in v.items()}}
+        "tenants": {k: {"kind": "tenant", "key": k, "buckets": {str(m): _bucket(a, False) for m, a in v.items()}}
                     for k, v in tacc.items()},
-        "sessions": {k: {"kind": "session", "key": k, "buckets": {str(t): _tidy(b) for t, b in v.items()}}
+        "sessions": {k: {"kind": "session", "key": k, "buckets": {str(t): _bucket(a, True) for t, a in v.items()}}
                      for k, v in sacc.items()},
     }
 
 
-def _count(b: dict[str, Any], nusd: int, call: bool, unpriced: bool, t: int, entry: list[Any] | None) -> None:
-    if nusd:
-        b["nusd"] = b.get("nusd", 0) + nusd
-    if call:
-        b["calls"] = b.get("calls", 0) + 1
-    if unpriced:
-        b["unpriced"] = b.get("unpriced", 0) + 1
-    f = b.get("first")
-    if f is None or t < f:
-        b["first"] = t
-    f = b.get("last")
-    if f is None or t > f:
-        b["last"] = t
-    if entry is not None:
-        top = b.get("top")
-        if top is None:
-            b["top"] = [entry]
-        else:
-            top.append(entry)
-
-
-def _tidy(b: dict[str, Any]) -> dict[str, Any]:
-    top = b.get("top")
-    if top is not None and len(top) > 1:
-        b["top"] = merge_sample(top, [], TOP, True)
+def _bucket(a: list[Any], with_tenant: bool) -> dict[str, Any]:
+    b: dict[str, Any] = {}
+    if a[0]:
+        b["nusd"] = a[0]
+    if a[1]:
+        b["calls"] = int(a[1])
+    if a[2]:
+        b["unpriced"] = a[2]
+    b["first"] = a[3]
+    b["last"] = a[4]
+    top = a[5]
+    if top:
+        b["top"] = canonical_sample(top, TOP, True) if len(top) > 1 else top
+    if with_tenant and a[6] is not None:
+        b["tenant"] = a[6]
     return b
 
 

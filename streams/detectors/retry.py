@@ -72,7 +72,7 @@ from typing import Any, Iterable
 
 from streams import semconv
 from streams.detectors.base import Finding
-from streams.detectors.window import OVERFLOW, S, Schema, Sliding, cap_map, merge_sample
+from streams.detectors.window import OVERFLOW, S, Schema, Sliding, canonical_sample, cap_map
 from streams.models import Span
 
 NAME = "retry_storm"
@@ -410,7 +410,7 @@ def _tidy(b: dict[str, Any], sch: Schema) -> dict[str, Any]:
     for k, size, largest in sch.samples:
         v = b.get(k)
         if v is not None and len(v) > 1:
-            b[k] = merge_sample(v, [], size, largest)
+            b[k] = canonical_sample(v, size, largest)
     return b
 
 

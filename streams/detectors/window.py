@@ -181,14 +181,33 @@ def _desc(e: list[Any]) -> tuple[Any, ...]:
 
 
 def merge_sample(a: list[list[Any]], b: list[list[Any]], k: int, largest: bool) -> list[list[Any]]:
-    """Union of two samples, de-duplicated, the ``k`` smallest (or largest by first element).
+    """Union of two canonical samples (sorted, de-duplicated, ≤ ``k``): the ``k`` smallest, or
+    the largest by first element. The result may share ``a`` or ``b``: samples are never changed
+    in place.
 
     >>> merge_sample([[3, "x"]], [[5, "y"], [3, "x"]], 5, True)
     [[5, 'y'], [3, 'x']]
     """
-    seen = {tuple(e) for e in a}
-    seen.update(tuple(e) for e in b)
-    items = sorted(seen, key=_desc) if largest else sorted(seen)
+    if not b:
+        return a
+    if not a:
+        return b
+    out = list(a)
+    for e in b:
+        if e not in out:
+            out.append(e)
+    out.sort(key=_desc if largest else None)
+    del out[k:]
+    return out
+
+
+def canonical_sample(v: list[list[Any]], k: int, largest: bool) -> list[list[Any]]:
+    """Any list of entries → a canonical sample (sorted, de-duplicated, ≤ ``k``).
+
+    >>> canonical_sample([[2, "b"], [1, "a"], [2, "b"]], 5, False)
+    [[1, 'a'], [2, 'b']]
+    """
+    items = sorted({tuple(e) for e in v}, key=_desc if largest else None)
     return [list(e) for e in items[:k]]
 
 
