@@ -41,6 +41,9 @@ SENSITIVE_KEYS = frozenset(
         "llm.completions",
         "input.value",
         "output.value",
+        "traceloop.entity.input",
+        "traceloop.entity.output",
+        "llm.prompt_template.variables",
     }
 )
 SENSITIVE_PREFIXES = (
@@ -54,6 +57,10 @@ SENSITIVE_PREFIXES = (
     "llm.output_messages.",
     "llm.prompts.",
     "llm.completions.",
+    "gen_ai.system_instructions.",
+    "gen_ai.tool.definitions.",
+    "input.value.",
+    "output.value.",
 )
 
 

@@ -170,8 +170,10 @@ def test_long_storm_renews_the_throttle_before_it_expires():
     renew = [f for f in fs if f.evidence["renew"]]
     assert fs[0].status == "open" and fs[-1].status == "resolved"
     assert len(renew) >= 2 and all(f.status == "updated" for f in renew)
-    gaps = [(b.detected_at_ns - a.detected_at_ns) / S for a, b in zip(fs, renew)]
-    assert all(g <= 120 - 30 for g in gaps[:1])
+    issued = [fs[0], *renew]  # each command must be renewed before its 120-s TTL runs out
+    gaps = [(b.detected_at_ns - a.detected_at_ns) / S for a, b in zip(issued, issued[1:])]
+    assert all(g <= 120 - 30 for g in gaps)
+    assert fs[-1].detected_at_ns - issued[-1].detected_at_ns <= 120 * S  # released before expiry
     assert len({f.episode for f in fs}) == 1  # one incident
 
 
@@ -319,7 +321,7 @@ def test_state_round_trip_mid_storm(cls):
     part = agg["routes"] if cls is RouteRetryStorm else agg["sessions"]
     key = next(iter(part))
     a, fa = det.step(det.new_state(), part[key], 108 * S)
-    assert fa and a.episode is None or True
+    assert [f.status for f in fa] == (["open"] if cls is RouteRetryStorm else [])
     b = det.load(orjson.loads(orjson.dumps(det.dump(a))))
     assert b == a and pickle.loads(pickle.dumps(a)) == a
     a2, f1 = det.advance(a, 400 * S)
