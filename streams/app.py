@@ -45,7 +45,7 @@ from streams.settings import Settings
 
 log = logging.getLogger("breakwater")
 
-STAGE_TABLES = {"session": "sessions", "trace": "traces", "workflow": "workflows"}
+STAGE_TABLES = {"session": "sessions", "trace": "traces", "workflow": "workflows", "scope": "scopes"}
 
 
 def stage_topic(settings: Settings, stage: str) -> str:
@@ -138,6 +138,8 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
 
     async def publish(outs: list) -> None:
         for o in outs:
+            if o.kind == "forward":
+                continue
             if o.kind == "incident":
                 await incidents.send(key=o.key, value=o.value)
                 metrics.incident_published(o)
@@ -216,6 +218,8 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                     await w.topic.send(key=key.encode(), value=orjson.dumps(payload))
             metrics.BATCH_SECONDS.labels(stage="ingest").observe(time.perf_counter() - t0)
 
+    by_name = {w.stage.name: w for w in wired}
+    by_name["session"].forward_to = by_name["scope"]
     for w in wired:
         w.install()
 
@@ -242,6 +246,8 @@ def idle_ttl_ns(policy: Policy, stage: str) -> int:
     if stage == "trace":
         return int((policy.max_ttl_s("silent_success", "orphan_ttl_s")
                     + policy.max_ttl_s("silent_success", "retention_s")) * 1e9)
+    if stage == "scope":
+        return int(max(policy.max_ttl_s("cost_velocity", "tenant_breaker_ttl_s"), 21600.0) * 1e9)
     return int(policy.max_ttl_s("plan_deadlock", "workflow_ttl_s") * 1e9)
 
 
@@ -250,8 +256,8 @@ class KeyedStage:
 
     Per partition it keeps the max event time seen, a heap of timer deadlines and the keys in order
     of last update (all rebuilt from the table after a rebalance). The live watermark is the max
-    event time minus the allowed lateness, and never less than the wall clock minus the lateness
-    (ticks), so quiet partitions still fire their timers.
+    event time minus the allowed lateness; while a partition is quiet, wall-clock ticks advance its
+    event time from its last span at wall speed, so quiet partitions still fire their timers.
     """
 
     def __init__(self, app: faust.App, stage: Any, topic: Any, table: Any, n_parts: int,
@@ -268,10 +274,14 @@ class KeyedStage:
         self.idle_ns = idle_ns
         self.publish = publish
         self.max_event: dict[int, int] = {}
+        self.wall_at: dict[int, int] = {}
         self.heaps: dict[int, list[tuple[int, bytes]]] = {}
         self.index: dict[int, OrderedDict[bytes, int]] = {}
         self.next_sweep: dict[int, int] = {}
         self.needs_scan = True
+        self.forward_to: KeyedStage | None = None  # the route / tenant stage, for the session stage
+        self._forwards: dict[str, list] = {}
+        self._forward_hi = 0
 
     def reset(self) -> None:
         self.heaps.clear()
@@ -325,6 +335,12 @@ class KeyedStage:
                 await self.process_partition(part, evs)
             finally:
                 _current_event.reset(token)
+        if self._forwards and self.forward_to is not None:
+            # route / tenant pre-aggregates of this batch: one message per key, merged downstream
+            for key, aggs in self._forwards.items():
+                await self.forward_to.topic.send(
+                    key=key.encode(), value=orjson.dumps({"hi": self._forward_hi, "aggs": aggs}))
+        self._forwards = {}
         metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - t0)
         metrics.set_tracked_keys(self.stage.name, sum(len(v) for v in self.index.values()))
 
@@ -333,25 +349,44 @@ class KeyedStage:
         groups: dict[bytes, list[Span]] = {}
         hi = self.max_event.get(part, 0)
         ticked = False
+        step_key = getattr(stage, "step_key", None)
         for ev in evs:
             if not ev.value:
                 ticked = True
+                continue
+            if step_key is not None:  # pre-aggregates from the session stage
+                msg = orjson.loads(ev.value)
+                hi = max(hi, int(msg["hi"]))
+                groups.setdefault(ev.key, []).extend(msg["aggs"])
                 continue
             spans = [Span.from_wire(w) for w in orjson.loads(ev.value)]
             for s in spans:
                 if s.end_ns > hi:
                     hi = s.end_ns
             groups.setdefault(ev.key, []).extend(spans)
-        if ticked:
-            hi = max(hi, time.time_ns())
+        now = time.time_ns()
+        if hi > self.max_event.get(part, 0):
+            self.wall_at[part] = now
+        elif ticked and hi > 0:
+            # a quiet partition: its event time runs on with the wall clock from its last span, so
+            # timers still fire, while a burst of older data is still judged on its own event time
+            hi += now - self.wall_at.get(part, now)
+            self.wall_at[part] = now
         self.max_event[part] = hi
         wm = hi - self.lateness_ns
         heap = self.heaps.setdefault(part, [])
         idx = self.index.setdefault(part, OrderedDict())
-        for key, spans in groups.items():
+        for key, items in groups.items():
             raw = table.get(key)
             st = stage.load(raw) if raw else stage.new_state()
-            st, outs = stage.step(st, spans, wm)
+            if step_key is not None:
+                st, outs = step_key(st, key.decode(), items, wm)
+            else:
+                st, outs = stage.step(st, items, wm)
+            for o in outs:
+                if o.kind == "forward":
+                    self._forwards.setdefault(o.key.decode(), []).append(o.payload)
+                    self._forward_hi = max(self._forward_hi, hi)
             table[key] = stage.dump(st)
             idx[key] = stage.last_seen(st)
             idx.move_to_end(key)
@@ -399,7 +434,7 @@ class KeyedStage:
                 st = stage.load(raw)
                 st, outs = stage.advance(st, wm)
                 await self.publish(outs)
-                if stage.expired(st, wm) or stage.last_seen(st) + self.idle_ns < wm:
+                if stage.expired(st, wm):
                     del table[key]
                     evicted += 1
                 else:  # still alive (a timer pending): keep it, at the back

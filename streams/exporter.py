@@ -76,13 +76,22 @@ def _scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
 def flat_span(span: ReadableSpan, *, redact: bool = True) -> dict[str, Any]:
     """A finished SDK span as Breakwater's flat JSON object (SPEC §3, OTel's own field names).
 
-    >>> from tests.otel import agent_spans
-    >>> tool, root = agent_spans("sess-1", [("search", '{"q": 1}')])
+    >>> from opentelemetry.sdk.trace import TracerProvider
+    >>> from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    >>> from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    >>> mem = InMemorySpanExporter(); provider = TracerProvider()
+    >>> provider.add_span_processor(SimpleSpanProcessor(mem))
+    >>> tracer = provider.get_tracer("doc")
+    >>> with tracer.start_as_current_span("invoke_agent"):
+    ...     with tracer.start_as_current_span("execute_tool search", attributes={
+    ...             "gen_ai.tool.name": "search", "gen_ai.tool.call.arguments": '{"q": 1}'}):
+    ...         pass
+    >>> tool, root = mem.get_finished_spans()
     >>> d = flat_span(tool)
     >>> d["name"], d["kind"], d["status"], len(d["trace_id"]), d["parent_span_id"] == flat_span(root)["span_id"]
     ('execute_tool search', 'INTERNAL', {'code': 'UNSET', 'message': None}, 32, True)
-    >>> "gen_ai.tool.call.arguments" in d["attributes"], d["attributes"]["tool.payload_hash"]
-    (False, '...')
+    >>> "gen_ai.tool.call.arguments" in d["attributes"], d["attributes"]["tool.payload_hash"] == canonical_hash({"q": 1})
+    (False, True)
     >>> flat_span(tool, redact=False)["attributes"]["gen_ai.tool.call.arguments"]
     '{"q": 1}'
     """

@@ -105,7 +105,7 @@ class Decision:
         for name in ("action", "reason", "command_id", "rate_limit_per_s", "expires_at", "scope", "shadow",
                      "would_deny", "retry_after_s"):
             v = getattr(self, name)
-            if v not in (None, False):
+            if v is not None and v is not False:
                 shown.append(f"{name}={v!r}")
         return f"Decision({', '.join(shown)})"
 
@@ -187,7 +187,7 @@ class _Entry:
         rate = cmd.rate_limit_per_s if cmd.rate_limit_per_s is not None else default_rate
         self.rate = max(0.0, float(rate))
         self.cap = max(1.0, self.rate)
-        self.tokens = self.cap
+        self.tokens = self.cap if self.rate > 0 else 0.0
         self.stamp: float | None = None
         self.decision = self.make(allow=not self.deny or self.shadow, would_deny=self.deny)
 
@@ -382,23 +382,23 @@ class BreakerClient:
             return ALLOW
         found: list[_Entry] = []
         if session is not None:
-            e = active.get("session:" + session)
+            e = active.get(f"session:{session}")
             if e is not None:
                 found.append(e)
         if tenant is not None:
-            e = active.get("tenant:" + tenant)
+            e = active.get(f"tenant:{tenant}")
             if e is not None:
                 found.append(e)
         if workflow is not None:
-            e = active.get("workflow:" + workflow)
+            e = active.get(f"workflow:{workflow}")
             if e is not None:
                 found.append(e)
         if route is not None:
-            e = active.get("route:" + route)
+            e = active.get(f"route:{route}")
             if e is not None and (e.tenant is None or e.tenant == tenant):
                 found.append(e)
         if tool is not None:
-            e = active.get("tool:" + tool)
+            e = active.get(f"tool:{tool}")
             if e is not None and (e.tenant is None or e.tenant == tenant):
                 found.append(e)
         if not found:
@@ -591,18 +591,14 @@ class BreakerClient:
         await consumer.start()
         self._consumer = consumer
         try:
-            tps: list[Any] = []
-            while not tps and not self._stopping:
-                await consumer.topics()
-                parts = consumer.partitions_for_topic(self.topic)
-                if parts:
-                    tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-                else:  # no topic yet: no command exists yet
-                    self._ready.set()
-                    await asyncio.sleep(1.0)
-                    self.sweep()
-            if self._stopping:
+            parts = consumer.partitions_for_topic(self.topic)  # from the bootstrap's full metadata
+            if not parts:
+                # no topic yet, so no command yet; look again with a fresh client (fresh metadata)
+                self._ready.set()
+                await asyncio.sleep(1.0)
+                self.sweep()
                 return
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             for tp in tps:
                 pos = self._positions.get(tp)

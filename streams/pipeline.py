@@ -13,8 +13,8 @@ very same methods, so live and replay cannot drift apart.
 >>> spans = [Span("a" * 32, f"{i:016x}", None, "t", "INTERNAL", i, i, "OK", "",
 ...               {"gen_ai.tool.name": "ls", "tool.payload_hash": "h"}, {}) for i in range(1, 4)]
 >>> st, out = pipe.step(st, spans, 0)
->>> [o.kind for o in out]
-['incident', 'breaker']
+>>> [o.kind for o in out]   # + the route aggregate for the route / tenant stage
+['incident', 'breaker', 'forward']
 >>> pipe.load(pipe.dump(st)).last_seen_ns == st.last_seen_ns
 True
 """
@@ -26,12 +26,13 @@ from typing import Any
 
 import orjson
 
+from streams.detectors import cost, retry
 from streams.detectors.base import Finding
 from streams.detectors.loop import NoProgressLoop
 from streams.models import Span
 from streams.policy import Policy, apply, release
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -46,11 +47,18 @@ class Output:
     detected_at_ns: int = 0
     severity: str = ""
     mode: str = ""
+    payload: Any = None  # kind "forward": an aggregate for a route / tenant keyed stage
+    group: str = ""  # the incident id an incident or command belongs to (for a stable output order)
+
+    def order(self) -> tuple[int, str, str, int, bytes]:
+        """Sort key: event time, then detector and incident, the incident before its commands."""
+        return (self.detected_at_ns, self.detector, self.group, 0 if self.kind == "incident" else 1, self.key)
 
 
 def _command_output(command: Any, at_ns: int) -> Output:
     return Output("breaker", command.kafka_key(), command.model_dump_json().encode(),
-                  command.detector or "", command.action, at_ns, "", command.mode)
+                  command.detector or "", command.action, at_ns, "", command.mode, None,
+                  command.incident_id or "")
 
 
 def outputs_for(policy: Policy, findings: list[Finding], breakers: dict[str, list] | None = None) -> list[Output]:
@@ -64,17 +72,23 @@ def outputs_for(policy: Policy, findings: list[Finding], breakers: dict[str, lis
         incident, command = apply(policy, f)
         if incident is not None:
             out.append(Output("incident", incident.incident_id.encode(), incident.model_dump_json().encode(),
-                              f.detector, f.status, f.detected_at_ns, incident.severity, incident.policy_mode))
+                              f.detector, f.status, f.detected_at_ns, incident.severity, incident.policy_mode,
+                              None, incident.incident_id))
         if command is not None:
             out.append(_command_output(command, f.detected_at_ns))
             if breakers is not None:
-                ttl_ns = int(policy.breaker_ttl_s(f.detector, f.tenant) * 1e9)
+                if incident is not None and incident.breaker_command_id != command.command_id:
+                    breakers.pop(incident.breaker_command_id or "", None)  # a renewal replaces it
+                ttl_ns = int(policy.breaker_ttl_s(f.detector, f.tenant, f.command_scope_kind) * 1e9)
                 breakers[command.command_id] = [
                     command.command_id, f.detected_at_ns + ttl_ns, command.incident_id, f.detector,
                     command.scope.kind, command.scope.key, command.scope.tenant, command.mode]
         elif (f.status == "resolved" and breakers and incident is not None
-              and incident.breaker_command_id in breakers):
-            active = breakers.pop(incident.breaker_command_id)
+              and f.evidence.get("release", True)):  # cost episodes keep their halt until it expires
+            cid = next((c for c, a in breakers.items() if a[2] == incident.incident_id), None)
+            if cid is None:
+                continue
+            active = breakers.pop(cid)
             out.append(_command_output(release(policy, active, f.detected_at_ns, f"resolved: {f.reason}"),
                                        f.detected_at_ns))
     return out
@@ -100,15 +114,29 @@ class SessionState:
     last_seen_ns: int = 0
     loop: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    implicit: Any = None  # implicit-retry tracker
+    retry: Any = None  # session retry storm
+    cost: Any = None  # session cost velocity
 
 
 class SessionPipeline:
-    """Session-scoped detectors + policy. Detector instances are cached per tenant."""
+    """Session-scoped detectors + policy: no_progress_loop, the session parts of retry_storm and
+    cost_velocity (their route / tenant parts are forwarded as pre-aggregates, ``kind="forward"``).
+    Loop detector instances are cached per tenant."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._loops: dict[str | None, NoProgressLoop] = {}
         self._default_loop = NoProgressLoop(policy.loop_params(None))
+        rp = policy.section("retry_storm", None)
+        self.tracker = retry.ImplicitRetryTracker(retry.ImplicitRetryParams(window_s=rp.implicit_retry_window_s))
+        self.session_retry = retry.SessionRetryStorm(rp.params())
+        self.session_cost = cost.SessionCostVelocity(policy.section("cost_velocity", None).params())
+        self.prices = policy.price_table()
+        self.retry_on = policy.mode("retry_storm", None) != "off" or any(
+            policy.mode("retry_storm", t) != "off" for t in policy.spec.tenants)
+        self.cost_on = policy.mode("cost_velocity", None) != "off" or any(
+            policy.mode("cost_velocity", t) != "off" for t in policy.spec.tenants)
 
     def _loop(self, tenant: str | None) -> NoProgressLoop:
         det = self._loops.get(tenant)
@@ -119,7 +147,8 @@ class SessionPipeline:
         return det
 
     def new_state(self) -> SessionState:
-        return SessionState(loop=self._default_loop.new_state())
+        return SessionState(loop=self._default_loop.new_state(), implicit=self.tracker.new_state(),
+                            retry=self.session_retry.new_state(), cost=self.session_cost.new_state())
 
     def step(self, state: SessionState, spans: list[Span], watermark_ns: int) -> tuple[SessionState, list[Output]]:
         findings: list[Finding] = []
@@ -132,34 +161,69 @@ class SessionPipeline:
             if fs:
                 findings.extend(fs)
         state.loop = loop_state
-        if not findings:
-            return state, []
-        return state, outputs_for(self.policy, findings, state.extra.setdefault("breakers", {}))
+        forwards: list[Output] = []
+        if self.retry_on:
+            state.implicit, implicit = self.tracker.mark(state.implicit, spans)
+            ra = retry.aggregate(spans, implicit)
+            for agg in ra["sessions"].values():
+                state.retry, fs = self.session_retry.step(state.retry, agg, watermark_ns)
+                findings.extend(fs)
+            for route, agg in ra["routes"].items():
+                forwards.append(Output("forward", f"route:{route}".encode(), b"", payload=agg))
+        if self.cost_on:
+            ca = cost.aggregate(spans, self.prices)
+            for agg in ca["sessions"].values():
+                state.cost, fs = self.session_cost.step(state.cost, agg, watermark_ns)
+                findings.extend(fs)
+            for tenant, agg in ca["tenants"].items():
+                forwards.append(Output("forward", f"tenant:{tenant}".encode(), b"", payload=agg))
+        out = outputs_for(self.policy, findings, state.extra.setdefault("breakers", {})) if findings else []
+        return state, out + forwards if forwards else out
 
     def advance(self, state: SessionState, watermark_ns: int) -> tuple[SessionState, list[Output]]:
-        """Fire timers the watermark has passed: releases of expired commands."""
-        b = state.extra.get("breakers")
-        return state, expire_breakers(self.policy, b, watermark_ns) if b else []
+        """Fire timers the watermark has passed: window closes, releases of expired commands."""
+        findings: list[Finding] = []
+        if self.session_retry.next_deadline(state.retry) is not None:
+            state.retry, fs = self.session_retry.advance(state.retry, watermark_ns)
+            findings.extend(fs)
+        if self.session_cost.next_deadline(state.cost) is not None:
+            state.cost, fs = self.session_cost.advance(state.cost, watermark_ns)
+            findings.extend(fs)
+        b = state.extra.setdefault("breakers", {})
+        out = outputs_for(self.policy, findings, b) if findings else []
+        if b:
+            out.extend(expire_breakers(self.policy, b, watermark_ns))
+        return state, out
 
     def next_deadline(self, state: SessionState) -> int | None:
         """Event time at which :meth:`advance` has work for this session, if any."""
+        ds = [self.session_retry.next_deadline(state.retry), self.session_cost.next_deadline(state.cost)]
         b = state.extra.get("breakers")
-        return breakers_deadline(b) if b else None
+        if b:
+            ds.append(breakers_deadline(b))
+        return min((d for d in ds if d is not None), default=None)
 
     def expired(self, state: SessionState, watermark_ns: int) -> bool:
         if state.extra.get("breakers"):
             return False
-        return self._loop(state.loop.tenant).expired(state.loop, watermark_ns)
+        return (self._loop(state.loop.tenant).expired(state.loop, watermark_ns)
+                and self.session_retry.expired(state.retry, watermark_ns)
+                and self.session_cost.expired(state.cost, watermark_ns)
+                and self.tracker.expired(state.implicit, watermark_ns))
 
     # -- persistence (faust table values, and the conformance test)
     def dump(self, state: SessionState) -> bytes:
         return orjson.dumps(
             {"v": STATE_VERSION, "last_seen_ns": state.last_seen_ns,
-             "loop": self._default_loop.dump(state.loop), "extra": state.extra}
+             "loop": self._default_loop.dump(state.loop), "extra": state.extra,
+             "implicit": self.tracker.dump(state.implicit), "retry": self.session_retry.dump(state.retry),
+             "cost": self.session_cost.dump(state.cost)}
         )
 
     def load(self, data: bytes) -> SessionState:
         d = orjson.loads(data)
         if d.get("v") != STATE_VERSION:
             return self.new_state()
-        return SessionState(d["last_seen_ns"], self._default_loop.load(d["loop"]), d.get("extra") or {})
+        return SessionState(d["last_seen_ns"], self._default_loop.load(d["loop"]), d.get("extra") or {},
+                            self.tracker.load(d["implicit"]), self.session_retry.load(d["retry"]),
+                            self.session_cost.load(d["cost"]))

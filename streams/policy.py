@@ -30,9 +30,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.detectors.base import Finding
+from streams.detectors.cost import CostParams
 from streams.detectors.deadlock import DeadlockParams
 from streams.detectors.loop import LoopParams
+from streams.detectors.retry import RetryParams
 from streams.detectors.silent import SilentParams
+from streams.pricing import PriceTable
 from streams.models import BreakerCommand, CommandScope, Incident, IncidentScope
 
 Mode = Literal["enforce", "shadow", "off"]
@@ -84,8 +87,46 @@ class SilentPolicy(_Strict):
         return SilentParams(**self.model_dump(exclude={"mode", "breaker_ttl_s"}))
 
 
+class RetryPolicy(_Strict):
+    mode: Mode = "enforce"
+    breaker_ttl_s: float = Field(120.0, gt=0)
+    window_s: float = Field(60.0, ge=1)
+    route_min_retries: int = Field(20, ge=1)
+    route_min_sessions: int = Field(5, ge=1)
+    route_min_ratio: float = Field(0.25, gt=0, le=1)
+    session_min_retries: int = Field(10, ge=1)
+    implicit_retry_window_s: float = Field(30.0, gt=0)
+    tenant_share: float = Field(0.8, gt=0, le=1)
+    release_fraction: float = Field(0.5, gt=0, le=1)
+    renew: bool = True
+    rate_limit_floor_per_s: float = Field(1.0, gt=0)
+
+    def params(self) -> RetryParams:
+        return RetryParams(**self.model_dump(exclude={"mode", "implicit_retry_window_s"}))
+
+
+class CostPolicy(_Strict):
+    mode: Mode = "enforce"
+    breaker_ttl_s: float = Field(900.0, gt=0, description="session halt TTL")
+    tenant_breaker_ttl_s: float = Field(600.0, gt=0, description="tenant throttle TTL")
+    window_s: float = Field(60.0, gt=0)
+    session_rate_usd: float = Field(2.0, gt=0)
+    session_budget_usd: float = Field(10.0, gt=0)
+    session_ttl_s: float = Field(1800.0, gt=0)
+    tenant_warmup_s: float = Field(900.0, ge=0)
+    z_threshold: float = Field(4.0, gt=0)
+    tenant_min_spend_usd_per_min: float = Field(1.0, ge=0)
+    fading_factor: float = Field(0.1, gt=0, lt=1)
+    rate_limit_floor_per_s: float = Field(1.0, gt=0)
+
+    def params(self) -> CostParams:
+        return CostParams(**self.model_dump(exclude={"mode", "breaker_ttl_s", "tenant_breaker_ttl_s"}))
+
+
 DETECTOR_POLICIES: dict[str, type[_Strict]] = {
     "no_progress_loop": LoopPolicy,
+    "retry_storm": RetryPolicy,
+    "cost_velocity": CostPolicy,
     "plan_deadlock": DeadlockPolicy,
     "silent_success": SilentPolicy,
 }
@@ -93,12 +134,16 @@ DETECTOR_POLICIES: dict[str, type[_Strict]] = {
 
 class DetectorPolicies(_Strict):
     no_progress_loop: LoopPolicy = LoopPolicy()
+    retry_storm: RetryPolicy = RetryPolicy()
+    cost_velocity: CostPolicy = CostPolicy()
     plan_deadlock: DeadlockPolicy = DeadlockPolicy()
     silent_success: SilentPolicy = SilentPolicy()
 
 
 class PartialDetectorPolicies(_Strict):
     no_progress_loop: dict[str, Any] = {}
+    retry_storm: dict[str, Any] = {}
+    cost_velocity: dict[str, Any] = {}
     plan_deadlock: dict[str, Any] = {}
     silent_success: dict[str, Any] = {}
 
@@ -133,6 +178,7 @@ class Policy:
 
     def __init__(self, spec: PolicyFile | None = None) -> None:
         self.spec = spec or PolicyFile()
+        self._prices: PriceTable | None = None
         # (detector, tenant or None) -> merged section
         self._sections: dict[tuple[str, str | None], Any] = {}
         for det in DETECTOR_POLICIES:
@@ -191,8 +237,16 @@ class Policy:
     def mode(self, detector: str, tenant: str | None) -> Mode:
         return self.section(detector, tenant).mode
 
-    def breaker_ttl_s(self, detector: str, tenant: str | None) -> float:
-        return self.section(detector, tenant).breaker_ttl_s
+    def breaker_ttl_s(self, detector: str, tenant: str | None, scope_kind: str | None = None) -> float:
+        sec = self.section(detector, tenant)
+        if detector == "cost_velocity" and scope_kind == "tenant":
+            return sec.tenant_breaker_ttl_s
+        return sec.breaker_ttl_s
+
+    def price_table(self) -> PriceTable:
+        if self._prices is None:
+            self._prices = PriceTable(self.spec.prices)
+        return self._prices
 
     def max_ttl_s(self, detector: str, field_name: str) -> float:
         """The largest value of a TTL-like field over the defaults and every tenant (for eviction)."""
@@ -234,8 +288,12 @@ def apply(policy: Policy, f: Finding) -> tuple[Incident | None, BreakerCommand |
     command_id: str | None = None
     if f.action is not None:
         command_id = stable_id("cmd", incident_id, f.action, f.command_scope_kind, f.command_scope_key)
-        if f.status == "open":
-            ttl_ns = int(policy.breaker_ttl_s(f.detector, f.tenant) * 1e9)
+        renewal = f.status == "updated" and bool(f.evidence.get("renew"))
+        if renewal:  # a storm outlasting its TTL: the same command again, with a later expiry
+            command_id = stable_id("cmd", command_id, "renewal", f.detected_at_ns)
+        if f.status == "open" or renewal:
+            ttl_ns = int(policy.breaker_ttl_s(f.detector, f.tenant, f.command_scope_kind) * 1e9)
+            rate = f.evidence.get("rate_limit_per_s") if f.action == "throttle" else None
             command = BreakerCommand(
                 command_id=command_id,
                 action=f.action,
@@ -246,6 +304,7 @@ def apply(policy: Policy, f: Finding) -> tuple[Incident | None, BreakerCommand |
                 incident_id=incident_id,
                 issued_at=rfc3339(f.detected_at_ns),
                 expires_at=rfc3339(f.detected_at_ns + ttl_ns),
+                rate_limit_per_s=float(rate) if rate is not None else (1.0 if f.action == "throttle" else None),
             )
     incident = Incident(
         incident_id=incident_id,

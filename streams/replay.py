@@ -21,7 +21,8 @@ from typing import BinaryIO, Iterable
 
 from streams.ingest import Limits, decode, iter_documents
 from streams.models import Span
-from streams.stages import MemoryRunner, build_stages, group
+from streams.stages import MemoryRunner, build_stages, group, merge_forwards
+from streams.pipeline import Output
 from streams.policy import Policy
 
 REPLAY_LIMITS = Limits(max_message_bytes=1 << 40, max_spans_per_message=1 << 40)
@@ -64,12 +65,17 @@ class Replayer:
                 self.max_event_ns = s.end_ns
         wm = self.watermark_ns
         outputs = []
-        for r in self.runners:
+        for r in self.runners[:-1]:
             outputs.extend(r.feed(group(r.stage, spans), wm))
+        forwards = merge_forwards(outputs)
+        if forwards:
+            outputs = [o for o in outputs if o.kind != "forward"]
+            outputs.extend(self.runners[-1].feed(forwards, wm))
         for r in self.runners:
-            outputs.extend(r.fire(wm))
+            fired = r.fire(wm)
+            outputs.extend(o for o in fired if o.kind != "forward")
         # event-time order, so the output does not depend on how the input was batched
-        outputs.sort(key=lambda o: o.detected_at_ns)
+        outputs.sort(key=Output.order)
         self.stats.spans += len(spans)
         return outputs
 
@@ -78,7 +84,7 @@ class Replayer:
         outputs = []
         for r in self.runners:
             outputs.extend(r.finish())
-        outputs.sort(key=lambda o: o.detected_at_ns)
+        outputs.sort(key=Output.order)
         self.stats.evicted = sum(r.evicted for r in self.runners)
         return outputs
 

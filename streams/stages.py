@@ -12,7 +12,7 @@ Live, each stage has its own repartition topic and faust table (``streams.app``)
 
 >>> from streams.policy import Policy
 >>> [s.name for s in build_stages(Policy())]
-['session', 'trace', 'workflow']
+['session', 'trace', 'workflow', 'scope']
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 import orjson
 
 from streams import semconv
-from streams.detectors import deadlock, silent
+from streams.detectors import cost, deadlock, retry, silent
 from streams.models import Span
 from streams.pipeline import Output, SessionPipeline, breakers_deadline, expire_breakers, outputs_for
 from streams.policy import Policy
@@ -82,14 +82,21 @@ class DetectorStage:
         return StageState(self.det.new_state())
 
     def step(self, state: StageState, spans: list[Span], watermark_ns: int) -> tuple[StageState, list[Output]]:
+        # Buffer the whole batch first, then move the watermark once: a batch is "these spans
+        # arrived, then time advanced", so the outcome does not depend on how input was batched.
         findings = []
         det_state = state.det
         for s in spans:
-            det_state, fs = self.det.step(det_state, s, watermark_ns)
+            det_state, fs = self.det.step(det_state, s, -1)
             if fs:
                 findings.extend(fs)
+        det_state, fs = self.det.advance(det_state, watermark_ns)
+        findings.extend(fs)
         state.det = det_state
-        return state, outputs_for(self.policy, findings, state.breakers) if findings else []
+        out = outputs_for(self.policy, findings, state.breakers) if findings else []
+        if state.breakers:
+            out.extend(expire_breakers(self.policy, state.breakers, watermark_ns))
+        return state, out
 
     def advance(self, state: StageState, watermark_ns: int) -> tuple[StageState, list[Output]]:
         state.det, fs = self.det.advance(state.det, watermark_ns)
@@ -109,8 +116,11 @@ class DetectorStage:
         return not state.breakers and self.det.expired(state.det, watermark_ns)
 
     def last_seen(self, state: StageState) -> int:
+        """Latest span end this key has received (buffered spans included)."""
         st = state.det
-        return int(getattr(st, "last_seen_ns", 0) or getattr(st, "max_end_ns", 0) or 0)
+        v = int(getattr(st, "last_seen_ns", 0) or getattr(st, "max_end_ns", 0) or 0)
+        pending = getattr(st, "pending", None)
+        return max(v, int(pending[-1][0])) if pending else v
 
     def dump(self, state: StageState) -> bytes:
         return orjson.dumps({"v": STAGE_STATE_VERSION, "s": self.det.dump(state.det), "b": state.breakers})
@@ -120,6 +130,96 @@ class DetectorStage:
         if d.get("v") != STAGE_STATE_VERSION:
             return self.new_state()
         return StageState(self.det.load(d["s"]), d.get("b") or {})
+
+
+@dataclass(slots=True)
+class ScopeState:
+    """State of one route or tenant key: which core, its state, and its active commands."""
+
+    kind: str = "route"
+    det: Any = None
+    breakers: dict[str, list] = field(default_factory=dict)
+
+
+class ScopeStage:
+    """Route- and tenant-scoped detectors, fed by pre-aggregates forwarded from the session stage
+    (never by spans): ``route:<route>`` → retry_storm's route core, ``tenant:<t>`` → cost_velocity's
+    tenant core. Aggregates of one key are merged per batch, then stepped once.
+    """
+
+    name = "scope"
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.cores = {
+            "route": retry.RouteRetryStorm(policy.section("retry_storm", None).params()),
+            "tenant": cost.TenantCostVelocity(policy.section("cost_velocity", None).params()),
+        }
+        self.merges = {"route": retry.merge, "tenant": cost.merge}
+
+    def key_of(self, span: Span) -> str | None:  # noqa: ARG002
+        return None
+
+    def new_state(self) -> ScopeState:
+        return ScopeState()
+
+    def step_key(self, state: ScopeState, key: str, aggs: list[dict], watermark_ns: int) -> tuple[ScopeState, list[Output]]:
+        kind = key.partition(":")[0]
+        core = self.cores[kind]
+        merged = aggs[0]
+        for a in aggs[1:]:
+            merged = self.merges[kind](merged, a)
+        if state.det is None:
+            state.kind, state.det = kind, core.new_state()
+        state.det, fs = core.step(state.det, merged, watermark_ns)
+        return state, outputs_for(self.policy, fs, state.breakers) if fs else []
+
+    def advance(self, state: ScopeState, watermark_ns: int) -> tuple[ScopeState, list[Output]]:
+        if state.det is None:
+            return state, []
+        state.det, fs = self.cores[state.kind].advance(state.det, watermark_ns)
+        out = outputs_for(self.policy, fs, state.breakers) if fs else []
+        if state.breakers:
+            out.extend(expire_breakers(self.policy, state.breakers, watermark_ns))
+        return state, out
+
+    def next_deadline(self, state: ScopeState) -> int | None:
+        if state.det is None:
+            return None
+        d = self.cores[state.kind].next_deadline(state.det)
+        bd = breakers_deadline(state.breakers) if state.breakers else None
+        if d is None:
+            return bd
+        return d if bd is None else min(d, bd)
+
+    def expired(self, state: ScopeState, watermark_ns: int) -> bool:
+        if state.det is None:
+            return True
+        return not state.breakers and self.cores[state.kind].expired(state.det, watermark_ns)
+
+    def last_seen(self, state: ScopeState) -> int:
+        st = state.det
+        return int(getattr(st, "last_seen_ns", 0) or getattr(st, "last_ns", 0) or 0) if st is not None else 0
+
+    def dump(self, state: ScopeState) -> bytes:
+        det = self.cores[state.kind].dump(state.det) if state.det is not None else None
+        return orjson.dumps({"v": STAGE_STATE_VERSION, "k": state.kind, "s": det, "b": state.breakers})
+
+    def load(self, raw: bytes) -> ScopeState:
+        d = orjson.loads(raw)
+        if d.get("v") != STAGE_STATE_VERSION or d.get("k") not in self.cores:
+            return self.new_state()
+        det = self.cores[d["k"]].load(d["s"]) if d.get("s") is not None else None
+        return ScopeState(d["k"], det, d.get("b") or {})
+
+
+def merge_forwards(outputs: list[Output]) -> dict[str, list[dict]]:
+    """Forwarded aggregates of one batch, by scope key (``route:…``, ``tenant:…``), in order."""
+    out: dict[str, list[dict]] = {}
+    for o in outputs:
+        if o.kind == "forward":
+            out.setdefault(o.key.decode(), []).append(o.payload)
+    return out
 
 
 def _workflow_key(span: Span) -> str | None:
@@ -138,6 +238,7 @@ def build_stages(policy: Policy) -> list[Any]:
                       _trace_key),
         DetectorStage("workflow", policy,
                       deadlock.PlanDeadlock(policy.section("plan_deadlock", None).params()), _workflow_key),
+        ScopeStage(policy),
     ]
 
 
@@ -167,14 +268,18 @@ class MemoryRunner:
         self.next_sweep_ns = 0
         self.evicted = 0
 
-    def feed(self, groups: dict[str, list[Span]], watermark_ns: int) -> list[Output]:
+    def feed(self, groups: dict[str, list[Any]], watermark_ns: int) -> list[Output]:
         out: list[Output] = []
         st_new = self.stage.new_state
-        for key, spans in groups.items():
+        step_key = getattr(self.stage, "step_key", None)
+        for key, items in groups.items():
             st = self.states.get(key)
             if st is None:
                 st = st_new()
-            st, o = self.stage.step(st, spans, watermark_ns)
+            if step_key is not None:
+                st, o = step_key(st, key, items, watermark_ns)
+            else:
+                st, o = self.stage.step(st, items, watermark_ns)
             self.states[key] = st
             out.extend(o)
             d = self.stage.next_deadline(st)

@@ -57,6 +57,19 @@ def _agent(session, base, children, *, outcome="success", root_status="OK"):
     return kids + [root]
 
 
+def _chat(session, i, t, cost=None, retry=0, tenant=None, model="gpt-4o"):
+    a = {"gen_ai.provider.name": "openai", "gen_ai.request.model": model,
+         "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 200}
+    if cost is not None:
+        a["gen_ai.usage.cost"] = cost
+    if retry:
+        a["http.request.resend_count"] = retry
+    sp = flat(session, i, t, op="chat", state=f"{session}-{i}", status="ERROR" if retry else "OK", **a)
+    if tenant:
+        sp["resource"] = {"service.name": "agent-svc", "tenant.id": tenant}
+    return sp
+
+
 def _plan(session, wf, steps, t):
     return flat(session, 100 + int(t), t, op="plan", **{"workflow.id": wf, "plan.steps": orjson.dumps(steps).decode()})
 
@@ -91,6 +104,25 @@ def scenarios() -> dict[str, tuple[list[dict], str | None]]:
         # plan_deadlock: a 3-cycle declared across two revisions of the plan; a diamond DAG is fine
         "deadlock": ([_plan("dl", "wf-dead", [{"id": "a", "depends_on": ["b"]}, {"id": "b", "depends_on": ["c"]}], 4000),
                       _plan("dl", "wf-dead", [{"id": "c", "depends_on": ["a"]}], 4005)], "deadlock"),
+        # retry_storm: 6 sessions retry one route 4x each within a minute (24 retries, 6 sessions)
+        "route-storm": ([_chat(f"storm-{k}", i, 5000 + k + i * 5, retry=1, tenant="storm-co", model="gpt-4.1")
+                         for k in range(6) for i in range(4)], "route_storm"),
+        # a session retrying 11 times alone
+        "session-storm": ([_chat("hammer", i, 5200 + i * 3, retry=2, tenant="solo-co", model="o3")
+                           for i in range(11)], "session_storm"),
+        "ok-sparse-retries": ([_chat(f"sparse-{k}", 0, 5400 + k * 70, retry=1, tenant="calm-co", model="o4-mini")
+                               for k in range(8)], None),
+        # cost_velocity: $3 in 50 s; and $11 over 10 minutes at ~$1.1/min
+        "cost-rate": ([_chat("spender", i, 6000 + i * 10, cost=0.5, tenant="cost-co") for i in range(6)], "rate"),
+        "cost-budget": ([_chat("budget", i, 6200 + i * 30, cost=0.55, tenant="budget-co") for i in range(20)],
+                        "budget"),
+        # tenant spike: 20 minutes of ~$0.40/min (the learned baseline), then $5.40 in one minute
+        # spread over 6 sessions (no single session is too fast)
+        "tenant-spike": ([_chat(f"base-{m}", 0, 8000 + m * 60, cost=0.4, tenant="spiky-co") for m in range(20)]
+                         + [_chat(f"spike-{k}", 0, 8000 + 20 * 60 + k * 5, cost=0.9, tenant="spiky-co")
+                            for k in range(6)], "tenant_spike"),
+        "ok-steady-cost": ([_chat("steady", i, 7000 + i * 20, cost=0.5, tenant="steady-co") for i in range(12)],
+                           None),
         "ok-diamond": ([_plan("dia", "wf-ok", [{"id": "a", "depends_on": []}, {"id": "b", "depends_on": ["a"]},
                                                {"id": "c", "depends_on": ["a"]}, {"id": "d", "depends_on": ["b", "c"]}],
                               4100)], None),

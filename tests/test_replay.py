@@ -18,7 +18,25 @@ def _label(incident: dict) -> str:
         return ev["rule"]
     if incident["detector"] == "silent_success":
         return ev["gaps"][0]["kind"]
+    if incident["detector"] == "retry_storm":
+        return f"{incident['scope']['kind']}_storm"
+    if incident["detector"] == "cost_velocity":
+        return "tenant_spike" if incident["scope"]["kind"] == "tenant" else ev["rule"]
     return "deadlock"
+
+
+def _who(incident: dict) -> str:
+    if incident["scope"]["kind"] in ("route", "tenant"):
+        return incident["tenant"] or incident["scope"]["key"]
+    return incident["session_id"]
+
+
+def _who_span(span: dict) -> str:
+    if span["attributes"].get("http.request.resend_count") and span["resource"]["tenant.id"] == "storm-co":
+        return "storm-co"
+    if span["resource"]["tenant.id"] == "spiky-co":
+        return "spiky-co"
+    return span["attributes"]["gen_ai.conversation.id"]
 
 
 def replay(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -37,20 +55,29 @@ def test_finds_each_loop_and_nothing_benign(files, fmt, tmp_path):
     r = replay(str(files[fmt]), "--commands", str(cmds))
     assert r.returncode == 0, r.stderr.decode()
     incidents = [orjson.loads(line) for line in r.stdout.splitlines()]
-    opened = {i["session_id"]: _label(i) for i in incidents if i["status"] == "open"}
-    want = {spans[0]["attributes"]["gen_ai.conversation.id"]: rule
-            for spans, rule in scenarios().values() if rule is not None}
+    opened = {_who(i): _label(i) for i in incidents if i["status"] == "open"}
+    want = {_who_span(spans[-1]): rule for spans, rule in scenarios().values() if rule is not None}
     assert opened == want
     every = [orjson.loads(line) for line in cmds.read_bytes().splitlines()]
     commands = [c for c in every if c["action"] != "release"]
     releases = [c for c in every if c["action"] == "release"]
-    # at the end of input the watermark passes every TTL: each command is released at its expiry
-    assert sorted((r["incident_id"], r["issued_at"]) for r in releases) == sorted(
-        (c["incident_id"], c["expires_at"]) for c in commands)
-    assert all(r["reason"] == "expired" and r["expires_at"] is None for r in releases)
+    # every command is released exactly once: early when its episode resolves (loops, storms),
+    # else at its expiry (at the end of input the watermark passes every TTL)
+    assert sorted(r["incident_id"] for r in releases) == sorted(c["incident_id"] for c in commands)
+    expires = {c["incident_id"]: c["expires_at"] for c in commands}
+    for rel in releases:
+        assert rel["expires_at"] is None
+        if rel["reason"] == "expired":
+            assert rel["issued_at"] == expires[rel["incident_id"]]
+        else:
+            assert rel["reason"].startswith("resolved") and rel["issued_at"] < expires[rel["incident_id"]]
     actions = {(c["detector"], c["action"], c["scope"]["kind"]) for c in commands}
     assert actions == {("no_progress_loop", "halt", "session"), ("silent_success", "hold", "session"),
-                       ("plan_deadlock", "halt", "workflow")}
+                       ("plan_deadlock", "halt", "workflow"), ("retry_storm", "throttle", "route"),
+                       ("retry_storm", "throttle", "session"), ("cost_velocity", "halt", "session"),
+                       ("cost_velocity", "throttle", "tenant")}
+    route = next(c for c in commands if c["scope"]["kind"] == "route")
+    assert route["scope"]["tenant"] == "storm-co" and route["rate_limit_per_s"] >= 1
     assert {c["scope"]["key"] for c in commands if c["scope"]["kind"] == "workflow"} == {"wf-dead"}
     assert all(c["mode"] == "enforce" for c in commands)
     # privacy: no raw tool arguments anywhere in the outputs
