@@ -64,13 +64,54 @@ ARGS_KEY = "gen_ai.tool.call.arguments"
 HASH_KEY = "tool.payload_hash"
 
 
+_SAFE: set[str] = set()  # attribute keys known not to carry content (bounded)
+_SAFE_MAX = 10_000
+
+
 def _scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
-    if not any(is_sensitive(k) for k in a):
-        return a
-    out = {k: v for k, v in a.items() if not is_sensitive(k)}
-    if hash_args and ARGS_KEY in a and HASH_KEY not in a:
-        out[HASH_KEY] = canonical_hash(a[ARGS_KEY])
-    return out
+    """Breakwater's ingest privacy rule at the source (``a`` is ours: a fresh copy)."""
+    drop = None
+    for k in a.keys() - _SAFE:
+        if is_sensitive(k):
+            if drop is None:
+                drop = [k]
+            else:
+                drop.append(k)
+        elif len(_SAFE) < _SAFE_MAX:
+            _SAFE.add(k)
+    if drop:
+        if hash_args and ARGS_KEY in a and HASH_KEY not in a:
+            a[HASH_KEY] = canonical_hash(a[ARGS_KEY])
+        for k in drop:
+            del a[k]
+    return a
+
+
+def _copy(attrs: Any) -> dict[str, Any]:
+    if not attrs:
+        return {}
+    copy = getattr(attrs, "copy", None)  # BoundedAttributes.copy() skips the per-item lock
+    out = copy() if copy is not None else dict(attrs)
+    return out if type(out) is dict else dict(out)
+
+
+_RESOURCES: dict[tuple[int, bool], tuple[Any, dict[str, Any]]] = {}  # a provider has one resource
+
+
+def _resource(resource: Any, redact: bool) -> dict[str, Any]:
+    if resource is None:
+        return {}
+    key = (id(resource), redact)
+    hit = _RESOURCES.get(key)
+    if hit is not None and hit[0] is resource:
+        return hit[1]
+    d = _copy(resource.attributes)
+    if redact:
+        d = _scrub(d, False)
+    if len(_RESOURCES) >= 64:
+        _RESOURCES.clear()
+    _RESOURCES[key] = (resource, d)
+    return d
 
 
 def flat_span(span: ReadableSpan, *, redact: bool = True) -> dict[str, Any]:
@@ -97,16 +138,14 @@ def flat_span(span: ReadableSpan, *, redact: bool = True) -> dict[str, Any]:
     """
     ctx = span.get_span_context()
     parent = span.parent
-    attrs = dict(span.attributes or {})
-    resource = dict(span.resource.attributes) if span.resource is not None else {}
-    events = []
-    for ev in span.events or ():
-        ea = dict(ev.attributes or {})
-        events.append({"name": ev.name, "time_unix_nano": ev.timestamp,
-                       "attributes": _scrub(ea, False) if redact else ea})
+    attrs = _copy(span.attributes)
     if redact:
         attrs = _scrub(attrs, True)
-        resource = _scrub(resource, False)
+    events = []
+    for ev in span.events or ():
+        ea = _copy(ev.attributes)
+        events.append({"name": ev.name, "time_unix_nano": ev.timestamp,
+                       "attributes": _scrub(ea, False) if redact else ea})
     return {
         "trace_id": f"{ctx.trace_id:032x}",
         "span_id": f"{ctx.span_id:016x}",
@@ -117,7 +156,7 @@ def flat_span(span: ReadableSpan, *, redact: bool = True) -> dict[str, Any]:
         "end_time_unix_nano": span.end_time,
         "status": {"code": span.status.status_code.name, "message": span.status.description},
         "attributes": attrs,
-        "resource": resource,
+        "resource": _resource(span.resource, redact),
         "events": events,
     }
 
@@ -223,13 +262,22 @@ class KafkaSpanExporter(SpanExporter):
 
     @property
     def stats(self) -> ExporterStats:
-        """A consistent snapshot of the counters."""
+        """A consistent snapshot of the counters.
+
+        >>> KafkaSpanExporter("127.0.0.1:1", connect=False).stats.sent
+        0
+        """
         with self._lock:
             s = self._stats
             return ExporterStats(s.enqueued, s.sent, s.dropped, len(self._buf), s.messages, s.errors)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Enqueue finished spans and return at once (``FAILURE`` only after :meth:`shutdown`)."""
+        """Enqueue finished spans and return at once (``FAILURE`` only after :meth:`shutdown`).
+
+        >>> exp = KafkaSpanExporter("127.0.0.1:1", connect=False)
+        >>> exp.export([]).name, exp.stats.enqueued
+        ('SUCCESS', 0)
+        """
         if self._closed:
             return SpanExportResult.FAILURE
         n = len(spans)
@@ -268,7 +316,14 @@ class KafkaSpanExporter(SpanExporter):
                 loop.call_soon_threadsafe(wake.set)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Send everything buffered now and wait for the broker's acks; False on timeout."""
+        """Send everything buffered now and wait for the broker's acks; False on timeout.
+
+        >>> exp = KafkaSpanExporter("127.0.0.1:1", send_timeout_s=1)   # nothing listens there
+        >>> _ = exp.export([object()])
+        >>> exp.force_flush(timeout_millis=200)
+        False
+        >>> exp.shutdown(timeout_s=0.2)
+        """
         loop = self._loop
         if loop is None or self._closed or self._thread is None:
             return not self._buf
@@ -282,7 +337,11 @@ class KafkaSpanExporter(SpanExporter):
 
     def shutdown(self, timeout_s: float | None = None) -> None:
         """Flush (at most ``timeout_s``, default ``shutdown_timeout_s``), stop the producer and the
-        thread. Spans still buffered then are counted as dropped. Idempotent."""
+        thread. Spans still buffered then are counted as dropped. Idempotent.
+
+        >>> exp = KafkaSpanExporter("127.0.0.1:1", connect=False)
+        >>> exp.shutdown(); exp.shutdown()
+        """
         if self._closed:
             return
         timeout = self.shutdown_timeout_s if timeout_s is None else timeout_s

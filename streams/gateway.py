@@ -448,15 +448,27 @@ class BreakerClient:
 
     @property
     def ready(self) -> bool:
-        """True once the client has read the topic up to its end at least once."""
+        """True once the client has read the topic up to its end at least once.
+
+        >>> BreakerClient("127.0.0.1:1").ready
+        False
+        """
         return self._ready.is_set()
 
     def wait_ready(self, timeout_s: float | None = None) -> bool:
-        """Block (a thread, not the event loop) until ready; True if ready."""
+        """Block (a thread, not the event loop) until ready; True if ready.
+
+        >>> BreakerClient("127.0.0.1:1").wait_ready(0.01)
+        False
+        """
         return self._ready.wait(timeout_s)
 
     async def wait_ready_async(self, timeout_s: float | None = None) -> bool:
-        """Wait on an event loop until ready or ``timeout_s``; True if ready."""
+        """Wait on an event loop until ready or ``timeout_s``; True if ready.
+
+        >>> asyncio.run(BreakerClient("127.0.0.1:1").wait_ready_async(0.05))
+        False
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._ready.is_set():
             if deadline is not None and time.monotonic() >= deadline:
@@ -491,6 +503,15 @@ class BreakerClient:
 
         Returns :attr:`ready`. A broker that cannot be reached is not an error: the client keeps
         retrying in the background (``last_error`` says why) and answers ``check`` meanwhile.
+
+        >>> async def demo():
+        ...     c = BreakerClient("127.0.0.1:1", request_timeout_ms=500)   # nothing listens there
+        ...     ready = await c.start(timeout_s=0.3)
+        ...     allow = c.check(session="s1").allow
+        ...     await c.stop()
+        ...     return ready, allow
+        >>> asyncio.run(demo())
+        (False, True)
         """
         if self._task is not None:
             raise RuntimeError("BreakerClient already started")
@@ -502,7 +523,10 @@ class BreakerClient:
         return self.ready
 
     async def stop(self) -> None:
-        """Stop consuming (idempotent). The state stays readable."""
+        """Stop consuming (idempotent). The state stays readable.
+
+        >>> asyncio.run(BreakerClient("127.0.0.1:1").stop())   # never started: nothing to do
+        """
         self._stopping = True
         task, self._task = self._task, None
         if task is not None:
@@ -515,6 +539,11 @@ class BreakerClient:
 
         For synchronous callers and for code that runs more than one event loop. Returns
         :attr:`ready`; stop with :meth:`close`.
+
+        >>> c = BreakerClient("127.0.0.1:1", request_timeout_ms=500)
+        >>> c.start_in_thread(timeout_s=0.2), c.check(tenant="acme").allow
+        (False, True)
+        >>> c.close()
         """
         if self._thread is not None:
             raise RuntimeError("BreakerClient already started")
@@ -545,7 +574,10 @@ class BreakerClient:
             await asyncio.sleep(0.05)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop a client started with :meth:`start_in_thread` (idempotent)."""
+        """Stop a client started with :meth:`start_in_thread` (idempotent).
+
+        >>> BreakerClient("127.0.0.1:1").close()
+        """
         self._stopping = True
         thread, self._thread = self._thread, None
         if thread is not None:

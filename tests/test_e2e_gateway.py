@@ -65,6 +65,8 @@ def test_otel_agent_loops_breakwater_halts_litellm_denies_then_expiry_allows(iso
     saved = list(litellm.callbacks)
     litellm.callbacks = [guard]
 
+    third: list[float] = []
+
     async def agent() -> tuple[int, BreakwaterDenied | None, float]:
         t0 = time.monotonic()
         calls = 0
@@ -82,11 +84,14 @@ def test_otel_agent_loops_breakwater_halts_litellm_denies_then_expiry_allows(iso
                 }):
                     await asyncio.sleep(0.02)
                 calls += 1
+                if calls == 3:
+                    third.append(time.monotonic())
                 await asyncio.sleep(0.1)
         return calls, None, time.monotonic() - t0
 
     async def run():
         calls, denied, took = await agent()
+        after_third = time.monotonic() - third[0] if third else None
         assert denied is not None, f"never denied after {calls} calls; worker log:\n{worker.log_text()[-3000:]}"
         d = denied.decision
         assert d.action == "halt" and d.scope == f"session:{session}"
@@ -109,11 +114,12 @@ def test_otel_agent_loops_breakwater_halts_litellm_denies_then_expiry_allows(iso
             pytest.fail("still denied long after the command expired")
         assert time.time() >= expires - 0.05
         assert await proxy_allows(guard, session)
-        return calls, took
+        return calls, took, after_third
 
     try:
-        calls, took = asyncio.run(asyncio.wait_for(run(), 120))
-        print(f"halted after {calls} loop iterations, {took:.2f} s; allowed again after the {TTL_S} s TTL")
+        calls, took, after_third = asyncio.run(asyncio.wait_for(run(), 120))
+        print(f"halted after {calls} loop iterations, {took:.2f} s ({after_third:.2f} s after the 3rd identical "
+              f"call); allowed again after the {TTL_S} s TTL")
     finally:
         litellm.callbacks = saved
         guard.close()

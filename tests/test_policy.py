@@ -70,3 +70,16 @@ def test_ttl_override():
     issued = datetime.fromisoformat(cmd.issued_at.replace("Z", "+00:00"))
     expires = datetime.fromisoformat(cmd.expires_at.replace("Z", "+00:00"))
     assert (expires - issued).total_seconds() == 60
+
+
+def test_the_shipped_policy_file_is_valid_and_complete():
+    from pathlib import Path
+
+    from streams.policy import DETECTOR_POLICIES
+
+    p = Policy.load(Path(__file__).resolve().parent.parent / "deploy" / "policy.toml")
+    assert set(DETECTOR_POLICIES) == {"no_progress_loop", "retry_storm", "cost_velocity", "plan_deadlock",
+                                      "silent_success"}
+    assert p.mode("cost_velocity", "sandbox") == "shadow" and p.mode("cost_velocity", "acme") == "enforce"
+    assert p.price_table().lookup("gpt-4o", "openai") is not None
+    assert p.breaker_ttl_s("cost_velocity", None, "tenant") == 600

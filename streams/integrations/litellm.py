@@ -322,7 +322,12 @@ class BreakwaterGuard(CustomLogger):
     def enforce(self, data: Mapping[str, Any], user_api_key_dict: Any = None) -> Decision:
         """Check one request (``{"model": …, "metadata": {…}}``) synchronously: the decision, or
         :class:`BreakwaterDenied` / :class:`BreakwaterThrottled`. Waits for readiness (blocking)
-        only at the very first call of a guard that owns its client."""
+        only at the very first call of a guard that owns its client.
+
+        >>> from streams.gateway import BreakerClient
+        >>> BreakwaterGuard(BreakerClient("127.0.0.1:1")).enforce({"model": "gpt-4o"}).allow
+        True
+        """
         if not self._started:
             self._ensure_started()
             self.client.wait_ready(self.ready_timeout_s)
@@ -337,20 +342,46 @@ class BreakwaterGuard(CustomLogger):
     # ------------------------------------------------------------------------------ LiteLLM hooks
 
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any) -> None:
-        """The LiteLLM proxy's pre-call hook: raises to refuse, returns None to let the request on."""
+        """The LiteLLM proxy's pre-call hook: raises to refuse, returns None to let the request on.
+
+        >>> import asyncio
+        >>> from streams.gateway import BreakerClient
+        >>> guard = BreakwaterGuard(BreakerClient("127.0.0.1:1"))
+        >>> data = {"model": "gpt-4o", "metadata": {"session_id": "s1"}}
+        >>> asyncio.run(guard.async_pre_call_hook(None, None, data, "acompletion")) is None
+        True
+        >>> data["metadata"]["breakwater_checked"]   # the SDK-side hook will not check it again
+        True
+        """
         await self._enforce_async(data, user_api_key_dict)
         _mark(data)
         return None
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> None:
         """Runs inside ``litellm.acompletion`` (SDK users; behind the proxy it skips what the proxy
-        hook has checked already)."""
+        hook has checked already).
+
+        >>> import asyncio
+        >>> from streams.gateway import BreakerClient, command_json
+        >>> client = BreakerClient("127.0.0.1:1")
+        >>> _ = client.apply(None, command_json("halt", "session", "s1"))
+        >>> guard = BreakwaterGuard(client)
+        >>> asyncio.run(guard.async_pre_call_deployment_hook({"model": "gpt-4o", "metadata": {"session_id": "s1"}},
+        ...                                                  "acompletion"))
+        Traceback (most recent call last):
+        ...
+        streams.integrations.litellm.BreakwaterDenied: litellm.PermissionDeniedError: Breakwater halt on session:s1 (test), command cmd-halt-session-s1
+        """
         if _marked(kwargs):
             return None
         await self._enforce_async(kwargs)
         return None
 
     def close(self) -> None:
-        """Stop the client the guard started (a client passed in is the caller's to stop)."""
+        """Stop the client the guard started (a client passed in is the caller's to stop).
+
+        >>> from streams.gateway import BreakerClient
+        >>> BreakwaterGuard(BreakerClient("127.0.0.1:1")).close()
+        """
         if self._owns_client:
             self.client.close()
