@@ -29,7 +29,7 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import faust
 import orjson
@@ -75,17 +75,7 @@ def topic_specs(settings: Settings) -> list[tuple[str, int, dict[str, str]]]:
 
 
 def _credentials(settings: Settings) -> Any:
-    kw = settings.kafka_client_kwargs()
-    if settings.security_protocol == "PLAINTEXT":
-        return None
-    if settings.security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=settings.sasl_username,
-            password=settings.sasl_password.get_secret_value() if settings.sasl_password else None,
-            mechanism=settings.sasl_mechanism,
-            ssl_context=kw.get("ssl_context"),
-        )
-    return faust.SSLCredentials(kw["ssl_context"])
+    return settings.faust_credentials()  # the same options every aiokafka client gets
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -122,11 +112,19 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
         broker_commit_interval=settings.commit_interval_s,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
+        # The embedded broker's ListOffsets(latest) can trail the true end of a changelog (SPEC §8),
+        # so after a crash RocksDB's persisted offset can legitimately exceed the reported highwater;
+        # faust's check would then crash every restart of the worker on its own data dir.
+        recovery_consistency_check=False,
         web_enabled=False,
         producer_acks=-1,
         producer_linger=0.005,
         logging_config=None,
     )
+    # faust's consumer long-polls fetches for 1.5 s; a broker that answers a fetch only when that
+    # wait ends (Tansu does, SPEC §8) then adds up to 1.5 s per hop, and there are two hops
+    # (input → ingest, repartition → stage). Poll about as often as a batch is cut instead.
+    app.transport.Consumer = _fetch_wait_consumer(max(5, int(settings.batch_within_s * 500)))
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(settings.topic_spans, settings.topic_otlp, **raw)
     incidents = app.topic(settings.topic_incidents, **raw)
@@ -206,8 +204,11 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                 if d.spans:
                     metrics.SPANS_IN.labels(format=d.format).inc(len(d.spans))
                     spans.extend(d.spans)
+            # one message per stage partition per batch ({key: spans}), not one per key: a faust
+            # send and a faust event each cost ≈ 0.2 ms, a batch holds thousands of keys (SPEC §9)
             wires: dict[int, Any] = {}
             for w in wired:
+                parts: dict[int, dict[str, list]] = {}
                 for key, group_spans in group(w.stage, spans).items():
                     payload = []
                     for s in group_spans:
@@ -215,7 +216,14 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                         if wire is None:
                             wire = wires[id(s)] = s.to_wire()
                         payload.append(wire)
-                    await w.topic.send(key=key.encode(), value=orjson.dumps(payload))
+                    part = partition_for(key.encode(), n_parts)
+                    keyed = parts.get(part)
+                    if keyed is None:
+                        keyed = parts[part] = {}
+                    keyed[key] = payload
+                for part, keyed in parts.items():
+                    for value in pack_keyed(b'{"keys":', keyed.items()):
+                        await w.topic.send(key=None, value=value, partition=part)
             metrics.BATCH_SECONDS.labels(stage="ingest").observe(time.perf_counter() - t0)
 
     by_name = {w.stage.name: w for w in wired}
@@ -237,6 +245,52 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
 
 
 TICK = b""
+
+
+def _fetch_wait_consumer(fetch_max_wait_ms: int) -> type:
+    """faust's aiokafka consumer with its fetch long-poll set to ``fetch_max_wait_ms``."""
+    from faust.transport.drivers import aiokafka as driver
+
+    class ConsumerThread(driver.AIOKafkaConsumerThread):
+        def _create_worker_consumer(self, transport: Any) -> Any:
+            consumer = super()._create_worker_consumer(transport)
+            consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read when the consumer starts
+            return consumer
+
+    class Consumer(driver.Consumer):
+        def _new_consumer_thread(self) -> Any:
+            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    return Consumer
+PACK_BYTES = 256 * 1024  # internal messages stay well under the producer's request size
+
+
+def pack_keyed(head: bytes, items: Iterable[tuple[str, list]], budget: int = PACK_BYTES) -> Iterator[bytes]:
+    """``head + {key: list, …} + "}"`` JSON documents of about ``budget`` bytes at most.
+
+    Keys keep their list order; a key whose list alone is over the budget is split across
+    consecutive documents (in order), so one key's items never need one huge message.
+
+    >>> [orjson.loads(v) for v in pack_keyed(b'{"keys":', [("a", [1, 2]), ("b", [3])], budget=12)]
+    [{'keys': {'a': [1, 2]}}, {'keys': {'b': [3]}}]
+    >>> [orjson.loads(v)["keys"]["a"] for v in pack_keyed(b'{"keys":', [("a", [1, 2, 3, 4])], budget=10)]
+    [[1, 2], [3, 4]]
+    """
+    parts: list[bytes] = []
+    size = 0
+    for key, vals in items:
+        entry = orjson.dumps(key) + b":" + orjson.dumps(vals)
+        if len(entry) > budget and len(vals) > 1:
+            half = len(vals) // 2
+            yield from pack_keyed(head, ((key, vals[:half]), (key, vals[half:])), budget)
+            continue
+        if parts and size + len(entry) > budget:
+            yield head + b"{" + b",".join(parts) + b"}}"
+            parts, size = [], 0
+        parts.append(entry)
+        size += len(entry) + 1
+    if parts:
+        yield head + b"{" + b",".join(parts) + b"}}"
 
 
 def idle_ttl_ns(policy: Policy, stage: str) -> int:
@@ -336,10 +390,16 @@ class KeyedStage:
             finally:
                 _current_event.reset(token)
         if self._forwards and self.forward_to is not None:
-            # route / tenant pre-aggregates of this batch: one message per key, merged downstream
+            # route / tenant pre-aggregates of this batch: one message per scope partition
+            # ({key: aggregates}), merged downstream
+            fwd = self.forward_to
+            by_fwd_part: dict[int, dict[str, list]] = {}
             for key, aggs in self._forwards.items():
-                await self.forward_to.topic.send(
-                    key=key.encode(), value=orjson.dumps({"hi": self._forward_hi, "aggs": aggs}))
+                by_fwd_part.setdefault(partition_for(key.encode(), fwd.n_parts), {})[key] = aggs
+            head = b'{"hi":%d,"by_key":' % self._forward_hi
+            for fpart, keyed in by_fwd_part.items():
+                for value in pack_keyed(head, keyed.items()):
+                    await fwd.topic.send(key=None, value=value, partition=fpart)
         self._forwards = {}
         metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - t0)
         metrics.set_tracked_keys(self.stage.name, sum(len(v) for v in self.index.values()))
@@ -350,20 +410,35 @@ class KeyedStage:
         hi = self.max_event.get(part, 0)
         ticked = False
         step_key = getattr(stage, "step_key", None)
+        from_wire = Span.from_wire
         for ev in evs:
             if not ev.value:
                 ticked = True
                 continue
+            msg = orjson.loads(ev.value)
             if step_key is not None:  # pre-aggregates from the session stage
-                msg = orjson.loads(ev.value)
                 hi = max(hi, int(msg["hi"]))
-                groups.setdefault(ev.key, []).extend(msg["aggs"])
+                if "by_key" in msg:
+                    for k, aggs in msg["by_key"].items():
+                        groups.setdefault(k.encode(), []).extend(aggs)
+                else:  # one key per message (written by an older worker)
+                    groups.setdefault(ev.key, []).extend(msg["aggs"])
                 continue
-            spans = [Span.from_wire(w) for w in orjson.loads(ev.value)]
-            for s in spans:
-                if s.end_ns > hi:
-                    hi = s.end_ns
-            groups.setdefault(ev.key, []).extend(spans)
+            # {key: [wire span, …]} per partition; a bare array is one key's (an older worker's)
+            for k, wires in (msg["keys"].items() if isinstance(msg, dict) else ((ev.key, msg),)):
+                spans = [from_wire(w) for w in wires]
+                for s in spans:
+                    if s.end_ns > hi:
+                        hi = s.end_ns
+                bk = k.encode() if isinstance(k, str) else k
+                got = groups.get(bk)
+                if got is None:
+                    groups[bk] = spans
+                else:
+                    got.extend(spans)
+        if groups:
+            metrics.STAGE_SPANS.labels(stage=stage.name).inc(sum(len(v) for v in groups.values()))
+            metrics.STATE_WRITES.labels(stage=stage.name).inc(len(groups))
         now = time.time_ns()
         if hi > self.max_event.get(part, 0):
             self.wall_at[part] = now

@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -107,6 +108,468 @@ def bench_memory(sessions: int = 50_000) -> dict[str, float]:
     n = len(rep.states)
     dumped = sum(len(rep.pipe.dump(st)) for st in list(rep.states.values())[:1000]) / min(n, 1000)
     return {"sessions": n, "rss_bytes_per_session": (after - before) / n, "state_bytes_per_session": dumped}
+
+
+# ----------------------------------------------------------------------------- live (embedded broker)
+
+
+def _traffic(n_spans: int, seed: int, start_ns: int, **kw: float) -> list[dict]:
+    """``n_spans`` flat spans of simulated mixed traffic (event-time order), no injected failures."""
+    import itertools
+
+    from streams import simulate
+
+    return list(itertools.islice(simulate.generate(seed, 10**7, start_ns, loops=0, **kw), n_spans))
+
+
+def _batches(spans: list[dict], per_message: int) -> list[tuple[bytes | None, bytes, int]]:
+    """Mixed-session JSON arrays of ``per_message`` spans, as an SDK batch exporter sends them."""
+    out = []
+    for i in range(0, len(spans), per_message):
+        chunk = spans[i:i + per_message]
+        out.append((None, orjson.dumps(chunk), len(chunk)))
+    return out
+
+
+def _live_settings(bootstrap: str, tag: str, partitions: int):  # noqa: ANN202
+    from streams.settings import Settings
+
+    return Settings(
+        broker=f"kafka://{bootstrap}", partitions=partitions, app_id=f"bench-{tag}",
+        topic_spans=f"bench-spans-{tag}", topic_otlp=f"bench-otlp-{tag}",
+        topic_incidents=f"bench-incidents-{tag}", topic_breaker=f"bench-breaker-{tag}",
+        topic_dlq=f"bench-dlq-{tag}",
+    )
+
+
+def _worker_env(settings) -> dict[str, str]:  # noqa: ANN001
+    return {
+        "BREAKWATER_PARTITIONS": str(settings.partitions),
+        "BREAKWATER_TOPIC_SPANS": settings.topic_spans,
+        "BREAKWATER_TOPIC_OTLP": settings.topic_otlp,
+        "BREAKWATER_TOPIC_INCIDENTS": settings.topic_incidents,
+        "BREAKWATER_TOPIC_BREAKER": settings.topic_breaker,
+        "BREAKWATER_TOPIC_DLQ": settings.topic_dlq,
+    }
+
+
+async def _produce(bootstrap: Any, topic: str, records: list[tuple[bytes | None, bytes, int]]) -> float:
+    from aiokafka import AIOKafkaProducer
+
+    from streams.settings import kafka_client_kwargs
+
+    prod = AIOKafkaProducer(**kafka_client_kwargs(bootstrap, acks=1, linger_ms=5, max_request_size=4 << 20,
+                                                  max_batch_size=1 << 20))  # Settings (security) or a bootstrap
+    await prod.start()
+    t0 = time.perf_counter()
+    try:
+        futs = []
+        for key, value, _ in records:
+            futs.append(await prod.send(topic, value, key=key))
+            if len(futs) >= 500:
+                for f in futs:
+                    await f
+                futs = []
+        for f in futs:
+            await f
+        await prod.flush()
+    finally:
+        await prod.stop()
+    return time.perf_counter() - t0
+
+
+async def _raw_consume(bootstrap: Any, topic: str, n_msgs: int, timeout_s: float) -> tuple[int, float]:
+    """A plain aiokafka consumer that only fetches and ``orjson.loads`` every message: the ceiling.
+
+    Returns (spans, seconds from the first fetch request to the last message)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.settings import kafka_client_kwargs
+
+    c = AIOKafkaConsumer(**kafka_client_kwargs(bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                               fetch_max_wait_ms=100, max_partition_fetch_bytes=8 << 20,
+                                               fetch_max_bytes=64 << 20))
+    await c.start()
+    try:
+        parts = c.partitions_for_topic(topic)
+        while not parts:
+            await c._client.force_metadata_update()  # noqa: SLF001
+            parts = c.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        await c.position(tps[0])  # the seek happens now, not inside the timed loop
+        got = spans = 0
+        deadline = time.monotonic() + timeout_s
+        t0 = time.perf_counter()
+        while got < n_msgs and time.monotonic() < deadline:
+            batch = await c.getmany(timeout_ms=200, max_records=10_000)
+            for msgs in batch.values():
+                for m in msgs:
+                    spans += len(orjson.loads(m.value))
+                got += len(msgs)
+        if got < n_msgs:
+            raise RuntimeError(f"raw consumer read {got} of {n_msgs} messages in {timeout_s}s")
+        return spans, time.perf_counter() - t0
+    finally:
+        await c.stop()
+
+
+def scrape(port: int, timeout_s: float = 2.0) -> dict[str, float]:
+    """One scrape of a worker's ``/metrics``: sample name with labels → value (``_created`` dropped)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:  # noqa: S310
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name, _, value = line.rpartition(" ")
+        if "_created" in name:
+            continue
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _stage_spans(sample: dict[str, float], stage: str) -> float:
+    return sample.get(f'breakwater_stage_spans_total{{stage="{stage}"}}', 0.0)
+
+
+def _spans_in(sample: dict[str, float]) -> float:
+    return sum(v for k, v in sample.items() if k.startswith("breakwater_spans_in_total"))
+
+
+class _Poller:
+    """Scrapes a worker's metrics every ``interval_s`` in a thread, keeping (time, sample) pairs."""
+
+    def __init__(self, port: int, interval_s: float = 0.2) -> None:
+        import threading
+
+        self.port, self.interval_s = port, interval_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-poller")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                s = scrape(self.port, timeout_s=1.0)
+                self.samples.append((time.perf_counter(), s))
+            except OSError:
+                pass
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> _Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def wait(self, done, timeout_s: float) -> tuple[float, dict[str, float]]:  # noqa: ANN001
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.samples and done(self.samples[-1][1]):
+                return self.samples[-1]
+            time.sleep(self.interval_s / 2)
+        last = self.samples[-1][1] if self.samples else {}
+        raise TimeoutError(f"worker did not finish in {timeout_s}s (last sample: spans in {_spans_in(last):.0f}, "
+                           f"session stage {_stage_spans(last, 'session'):.0f})")
+
+
+class _log_on_error:  # noqa: N801
+    """Re-raise a failure with the tail of the worker's log (its data dir is about to go)."""
+
+    def __init__(self, worker) -> None:  # noqa: ANN001
+        self.worker = worker
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp, exc, tb) -> None:  # noqa: ANN001
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            raise RuntimeError(f"{exc}\n--- worker log (tail) ---\n{self.worker.log_text()[-4000:]}") from exc
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_e2e(spans: int = 100_000, *, per_message: int = 100, partitions: int = 4, bootstrap: str | None = None,
+              seed: int = 11, timeout_s: float = 600.0, profile: str | None = None,
+              worker_env: dict[str, str] | None = None) -> dict[str, float]:
+    """Spans/s of one worker on pre-produced traffic, next to a raw consume+decode of the same topic.
+
+    ``spans`` of simulated mixed traffic go to ``agent.spans`` as JSON arrays of ``per_message``
+    spans (mixed sessions, as an SDK batch exporter sends them). A plain aiokafka consumer reads
+    and ``orjson.loads`` every message (the ceiling); then one worker starts on the same topic and
+    its rate is taken from its own metrics, from the first scrape that shows spans decoded to the
+    scrape where the session and trace stages have processed every span. ``profile`` = a path:
+    run ``py-spy record`` on the worker meanwhile (speedscope JSON written there).
+    """
+    import asyncio
+    import uuid
+
+    from streams.app import ensure_topics
+    from streams.broker import EmbeddedBroker
+    from streams.dev import WorkerProcess
+
+    broker = None
+    if bootstrap is None:
+        broker = EmbeddedBroker()
+        bootstrap = broker.start()
+    worker = spy = None
+    try:
+        settings = _live_settings(bootstrap, uuid.uuid4().hex[:8], partitions)
+        asyncio.run(ensure_topics(settings))
+        records = _batches(_traffic(spans, seed, 1_767_225_600 * 10**9), per_message)
+        n_spans = sum(r[2] for r in records)
+        t_produce = asyncio.run(_produce(settings, settings.topic_spans, records))
+        raw_spans, raw_s = asyncio.run(_raw_consume(settings, settings.topic_spans, len(records), timeout_s))
+        del records
+        gc.collect()
+        with tempfile.TemporaryDirectory(prefix="breakwater-bench-") as d:
+            worker = WorkerProcess(bootstrap, app_id=settings.app_id, data_dir=d,
+                                   extra_env={**_worker_env(settings), **(worker_env or {})})
+            with _Poller(worker.metrics_port) as poll, _log_on_error(worker):
+                worker.start(wait_ready_s=0)
+                t_first, first = poll.wait(lambda s: _spans_in(s) > 0, timeout_s)
+                if profile:  # the steady state only, not start-up
+                    import subprocess
+
+                    spy = subprocess.Popen(  # noqa: S603
+                        ["py-spy", "record", "--pid", str(worker.proc.pid), "--format", "speedscope",
+                         "--output", profile, "--rate", "100", "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cpu0 = _cpu_s(worker.proc.pid)
+                t_done, last = poll.wait(lambda s: _stage_spans(s, "session") >= n_spans
+                                      and _stage_spans(s, "trace") >= n_spans, timeout_s)
+                rss = _rss_of(worker.proc.pid)
+                cpu = _cpu_s(worker.proc.pid) - cpu0
+            counted = n_spans - min(_stage_spans(first, "session"), _stage_spans(first, "trace"))
+            worker_s = t_done - t_first
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(30)
+            worker.stop()
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait(5)
+        if worker is not None:
+            worker.stop()
+        if broker is not None:
+            broker.stop()
+    raw_rate = raw_spans / raw_s if raw_s > 0 else float("inf")
+    worker_rate = counted / worker_s if worker_s > 0 else float("inf")
+    return {
+        "spans": n_spans,
+        "messages": -(-n_spans // per_message),
+        "spans_per_message": per_message,
+        "partitions": partitions,
+        "produce_spans_per_s": n_spans / t_produce,
+        "raw_spans_per_s": raw_rate,
+        "worker_spans_per_s": worker_rate,
+        "ratio": worker_rate / raw_rate,
+        "worker_seconds": worker_s,
+        "worker_cpu_share": cpu / worker_s if worker_s > 0 else 0.0,
+        "batches": {st: last.get(f'breakwater_batch_seconds_count{{stage="{st}"}}', 0.0)
+                    for st in ("ingest", "session", "trace", "workflow", "scope")},
+        "state_writes": {st: last.get(f'breakwater_state_writes_total{{stage="{st}"}}', 0.0)
+                         for st in ("session", "trace", "workflow", "scope")},
+        "worker_rss_bytes": rss,
+    }
+
+
+def _flat(trace: str, span: int, sid: str, t_ns: int, attrs: dict) -> dict:
+    return {"trace_id": trace, "span_id": f"{span:016x}", "parent_span_id": None, "name": attrs.get(
+        "gen_ai.tool.name", "chat"), "kind": "INTERNAL", "start_time_unix_nano": t_ns - 50_000_000,
+        "end_time_unix_nano": t_ns, "status": {"code": "OK"},
+        "attributes": {"gen_ai.conversation.id": sid, **attrs},
+        "resource": {"service.name": "bench-agent", "tenant.id": "bench"}}
+
+
+def _loop_spans(i: int, t_ns: int, n: int) -> list[dict]:
+    """``n`` identical tool calls of session ``bench-loop-i`` (the 3rd opens no_progress_loop)."""
+    a = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search", "tool.payload_hash": f"{i:016x}"}
+    return [_flat(f"{i + 1:032x}", (i << 8) + j + 1, f"bench-loop-{i}", t_ns + j, a) for j in range(n)]
+
+
+def _storm_spans(i: int, t_ns: int, n: int, first: int = 0) -> list[dict]:
+    """Retried chat calls of session ``bench-storm-i`` (the 10th opens a session retry_storm)."""
+    a = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+         "http.request.resend_count": 1}
+    return [_flat(f"{(1 << 120) + i:032x}", (1 << 40) + (i << 8) + first + j + 1, f"bench-storm-{i}",
+                  t_ns + j, a) for j in range(n)]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))] if xs else float("nan")
+
+
+async def _paced(settings, rate: float, duration_s: float, per_message: int, loops_per_s: float,  # noqa: ANN001
+                 storms_per_s: float, seed: int, drain_s: float) -> dict:
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from streams.settings import kafka_client_kwargs
+    start_ns = time.time_ns() + 2 * 10**9
+    spans = _traffic(int(rate * duration_s) + per_message, seed, start_ns, mean_gap_s=0.034, time_scale=0.1)
+    sent: dict[tuple[str, str], float] = {}  # (detector, session) -> perf_counter at send of the trigger
+    got: dict[tuple[str, str], float] = {}
+
+    c = AIOKafkaConsumer(**kafka_client_kwargs(settings, enable_auto_commit=False, fetch_max_wait_ms=20))
+    await c.start()
+    tps = [TopicPartition(settings.topic_incidents, p) for p in range(settings.partitions)]
+    c.assign(tps)
+    await c.seek_to_beginning(*tps)
+
+    async def read() -> None:
+        while True:
+            batch = await c.getmany(timeout_ms=50)
+            now = time.perf_counter()
+            for msgs in batch.values():
+                for m in msgs:
+                    inc = orjson.loads(m.value)
+                    got.setdefault((inc["detector"], inc.get("session_id") or ""), now)
+
+    reader = asyncio.create_task(read())
+    prod = AIOKafkaProducer(**kafka_client_kwargs(settings, acks=1, linger_ms=1, max_request_size=4 << 20))
+    await prod.start()
+    try:
+        await asyncio.sleep(max(0.0, (start_ns - time.time_ns()) / 1e9))
+        t0 = time.perf_counter()
+        n_sent = i = 0
+        pending: list[tuple[float, list[dict], tuple[str, str] | None]] = []  # due, spans, trigger
+        next_loop = next_storm = 0.0
+        k_loop = k_storm = 0
+        futs = []
+        while i < len(spans):
+            elapsed = time.perf_counter() - t0
+            if elapsed > duration_s:
+                break
+            now_ns = time.time_ns()
+            batch = spans[i:i + per_message]
+            i += len(batch)
+            if loops_per_s and elapsed >= next_loop:  # two calls now, the third 100 ms later
+                next_loop += 1 / loops_per_s
+                two = _loop_spans(k_loop, now_ns, 3)
+                batch = batch + two[:2]
+                pending.append((elapsed + 0.1, two[2:], ("no_progress_loop", f"bench-loop-{k_loop}")))
+                k_loop += 1
+            if storms_per_s and elapsed >= next_storm:  # nine retries now, the tenth 100 ms later
+                next_storm += 1 / storms_per_s
+                batch = batch + _storm_spans(k_storm, now_ns, 9)
+                pending.append((elapsed + 0.1, _storm_spans(k_storm, now_ns + 10**8, 1, first=9),
+                                ("retry_storm", f"bench-storm-{k_storm}")))
+                k_storm += 1
+            triggers = []
+            while pending and pending[0][0] <= elapsed:
+                _, extra, trig = pending.pop(0)
+                for sp in extra:
+                    sp["start_time_unix_nano"] = now_ns - 50_000_000
+                    sp["end_time_unix_nano"] = now_ns
+                batch = batch + extra
+                triggers.append(trig)
+            futs.append(await prod.send(settings.topic_spans, orjson.dumps(batch)))
+            t_send = time.perf_counter()
+            for trig in triggers:
+                sent[trig] = t_send
+            n_sent += len(batch)
+            if len(futs) >= 50:
+                await asyncio.gather(*futs)
+                futs = []
+            ahead = n_sent / rate - (time.perf_counter() - t0)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await asyncio.gather(*futs)
+        wall = time.perf_counter() - t0
+        deadline = time.perf_counter() + drain_s
+        while time.perf_counter() < deadline and not set(sent) <= set(got):
+            await asyncio.sleep(0.05)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await prod.stop()
+        await c.stop()
+    lat: dict[str, list[float]] = {}
+    for trig, ts in sent.items():
+        if trig in got:
+            lat.setdefault(trig[0], []).append(got[trig] - ts)
+    return {"offered_spans_per_s": n_sent / wall, "sent_spans": n_sent, "triggers": len(sent),
+            "latencies": lat, "missed": sorted(t[1] for t in set(sent) - set(got))}
+
+
+def bench_latency(rate: float = 5000.0, duration_s: float = 20.0, *, per_message: int = 50,
+                  loops_per_s: float = 5.0, storms_per_s: float = 1.0, partitions: int = 4,
+                  bootstrap: str | None = None, seed: int = 13, drain_s: float = 15.0,
+                  worker_env: dict[str, str] | None = None) -> dict:
+    """Span produced → incident readable on ``agent.incidents``, at a fixed offered load.
+
+    One worker runs; a paced producer sends mixed traffic at ``rate`` spans/s (JSON arrays of
+    ``per_message`` spans) and injects, ``loops_per_s`` times a second, a session whose third
+    identical tool call arrives 100 ms after the first two (no_progress_loop fires on it), and
+    ``storms_per_s`` times a second a session whose tenth retried call does the same
+    (retry_storm, session scope). Latency is measured in this process: from the send of the
+    message that carries the triggering span to the incident read back from the topic.
+    """
+    import asyncio
+    import uuid
+
+    from streams.app import ensure_topics
+    from streams.broker import EmbeddedBroker
+    from streams.dev import WorkerProcess
+
+    broker = worker = None
+    if bootstrap is None:
+        broker = EmbeddedBroker()
+        bootstrap = broker.start()
+    try:
+        settings = _live_settings(bootstrap, uuid.uuid4().hex[:8], partitions)
+        asyncio.run(ensure_topics(settings))
+        with tempfile.TemporaryDirectory(prefix="breakwater-bench-") as d:
+            worker = WorkerProcess(bootstrap, app_id=settings.app_id, data_dir=d,
+                                   extra_env={**_worker_env(settings), **(worker_env or {})})
+            with _log_on_error(worker):
+                worker.start()
+                cpu0 = _cpu_s(worker.proc.pid)
+                r = asyncio.run(_paced(settings, rate, duration_s, per_message, loops_per_s, storms_per_s,
+                                       seed, drain_s))
+                r["worker_cpu_share"] = (_cpu_s(worker.proc.pid) - cpu0) / (duration_s + 0.001)
+                try:
+                    m = scrape(worker.metrics_port)
+                except OSError:
+                    m = {}
+            worker.stop()
+    finally:
+        if worker is not None:
+            worker.stop()
+        if broker is not None:
+            broker.stop()
+    lats = r.pop("latencies")
+    all_lat = [x for v in lats.values() for x in v]
+    r["by_detector_p50_ms"] = {d: _pct(v, 0.5) * 1000 for d, v in lats.items()}
+    r["_lat"] = lats
+    r.update(rate=rate, per_message=per_message, incidents=len(all_lat),
+             p50_ms=_pct(all_lat, 0.50) * 1000, p99_ms=_pct(all_lat, 0.99) * 1000,
+             max_ms=max(all_lat) * 1000 if all_lat else float("nan"),
+             spans_in=_spans_in(m))
+    return r
 
 
 def main(sessions: int = 2000, memory_sessions: int = 50_000) -> str:

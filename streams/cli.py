@@ -20,8 +20,10 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202
         return Settings(**overrides)
     except ValidationError as exc:
         for e in exc.errors():
-            loc = ".".join(str(x) for x in e["loc"]) or "settings"
-            print(f"breakwater: configuration error: BREAKWATER_{loc.upper()}: {e['msg']}", file=sys.stderr)
+            loc = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            where = f"BREAKWATER_{loc.upper()}: " if loc else ""  # cross-field errors name their env vars
+            print(f"breakwater: configuration error: {where}{msg}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 

@@ -50,6 +50,7 @@ import orjson
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from streams.semconv import SESSION_KEYS, canonical_hash, is_sensitive
+from streams.settings import kafka_client_kwargs
 
 if TYPE_CHECKING:  # pragma: no cover
     from opentelemetry.sdk.trace import ReadableSpan
@@ -221,11 +222,10 @@ class KafkaSpanExporter(SpanExporter):
         if max_buffer_spans < 1 or max_batch_spans < 1:
             raise ValueError("max_buffer_spans and max_batch_spans must be >= 1")
         if isinstance(source, str):
-            bootstrap = ",".join(p.strip().removeprefix("kafka://") for p in source.split(","))
-            self._kafka: dict[str, Any] = {"bootstrap_servers": bootstrap}
+            self._kafka: dict[str, Any] = kafka_client_kwargs(source)
             self.topic = topic or "agent.spans"
         else:
-            self._kafka = dict(source.kafka_client_kwargs())
+            self._kafka = kafka_client_kwargs(source)
             self.topic = topic or source.topic_spans
         self._kafka.update(
             client_id=client_id, acks=1, linger_ms=5, compression_type=compression_type,

@@ -56,6 +56,7 @@ import orjson
 from pydantic import ValidationError
 
 from streams.models import BreakerCommand
+from streams.settings import kafka_client_kwargs
 
 if TYPE_CHECKING:  # pragma: no cover
     from streams.settings import Settings
@@ -261,11 +262,10 @@ class BreakerClient:
                  default_rate_per_s: float = 1.0, ready_idle_s: float = 1.0, client_id: str = "breakwater-gateway",
                  **consumer_kwargs: Any) -> None:
         if isinstance(source, str):
-            bootstrap = ",".join(p.strip().removeprefix("kafka://") for p in source.split(","))
-            self._kafka: dict[str, Any] = {"bootstrap_servers": bootstrap}
+            self._kafka: dict[str, Any] = kafka_client_kwargs(source)
             self.topic = topic or "agent.breaker"
         else:
-            self._kafka = dict(source.kafka_client_kwargs())
+            self._kafka = kafka_client_kwargs(source)
             self.topic = topic or source.topic_breaker
         self._kafka.update(consumer_kwargs)
         self._client_id = client_id

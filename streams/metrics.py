@@ -89,6 +89,16 @@ UNPRICED_SPANS = Counter(
     "breakwater_unpriced_spans", "LLM spans whose cost could not be priced (counted, never guessed).",
     registry=REGISTRY,
 )
+STAGE_SPANS = Counter(
+    "breakwater_stage_spans",
+    "Spans (session, trace, workflow stages) or forwarded aggregates (scope stage) processed, by stage.",
+    ["stage"], registry=REGISTRY,
+)
+STATE_WRITES = Counter(
+    "breakwater_state_writes",
+    "Per-key state writes (table + changelog record), by stage: at most one per key per batch.",
+    ["stage"], registry=REGISTRY,
+)
 BATCH_SECONDS = Histogram(
     "breakwater_batch_seconds", "Processing time of one batch, by stage.", ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=REGISTRY,
@@ -121,6 +131,9 @@ def _init_series() -> None:
         EVICTIONS.labels(scope=scope)
     for stage in ("ingest", "detect"):
         BATCH_SECONDS.labels(stage=stage)
+    for stage in ("session", "trace", "workflow", "scope"):
+        STAGE_SPANS.labels(stage=stage)
+        STATE_WRITES.labels(stage=stage)
 
 
 _init_series()

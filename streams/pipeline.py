@@ -153,13 +153,20 @@ class SessionPipeline:
     def step(self, state: SessionState, spans: list[Span], watermark_ns: int) -> tuple[SessionState, list[Output]]:
         findings: list[Finding] = []
         loop_state = state.loop
+        loops = self._loops
+        last_seen = state.last_seen_ns
         for span in spans:
-            if span.end_ns > state.last_seen_ns:
-                state.last_seen_ns = span.end_ns
-            det = self._loop(loop_state.tenant) if loop_state.tenant is not None else self._default_loop
+            if span.end_ns > last_seen:
+                last_seen = span.end_ns
+            tenant = loop_state.tenant
+            if tenant is None:
+                det = self._default_loop
+            else:
+                det = loops.get(tenant) or self._loop(tenant)
             loop_state, fs = det.step(loop_state, span, watermark_ns)
             if fs:
                 findings.extend(fs)
+        state.last_seen_ns = last_seen
         state.loop = loop_state
         forwards: list[Output] = []
         if self.retry_on:
@@ -197,11 +204,16 @@ class SessionPipeline:
 
     def next_deadline(self, state: SessionState) -> int | None:
         """Event time at which :meth:`advance` has work for this session, if any."""
-        ds = [self.session_retry.next_deadline(state.retry), self.session_cost.next_deadline(state.cost)]
+        d = self.session_retry.next_deadline(state.retry)
+        c = self.session_cost.next_deadline(state.cost)
+        if c is not None and (d is None or c < d):
+            d = c
         b = state.extra.get("breakers")
         if b:
-            ds.append(breakers_deadline(b))
-        return min((d for d in ds if d is not None), default=None)
+            c = breakers_deadline(b)
+            if c is not None and (d is None or c < d):
+                d = c
+        return d
 
     def expired(self, state: SessionState, watermark_ns: int) -> bool:
         if state.extra.get("breakers"):

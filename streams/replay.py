@@ -14,8 +14,11 @@ input order). Bad lines are counted on stderr by reason and never stop the run.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable
 
@@ -26,6 +29,24 @@ from streams.pipeline import Output
 from streams.policy import Policy
 
 REPLAY_LIMITS = Limits(max_message_bytes=1 << 40, max_spans_per_message=1 << 40)
+GC_YOUNG_THRESHOLD = 50_000
+
+
+@contextmanager
+def young_gc_threshold(n: int = GC_YOUNG_THRESHOLD) -> Iterator[None]:
+    """Run the cyclic garbage collector's young generation every ``n`` allocations, not 700.
+
+    Replay allocates many short-lived objects per span (decoded JSON, spans, aggregates) while it
+    keeps a large live state; with the default threshold the collector ran ~1,500 times per 35k
+    spans and took about a fifth of the run. Cyclic garbage is still collected, only in larger
+    batches. The previous thresholds are restored afterwards.
+    """
+    old = gc.get_threshold()
+    gc.set_threshold(max(n, old[0]), *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 @dataclass
@@ -110,15 +131,16 @@ def run(
                 if commands_out is not None:
                     commands_out.write(o.value + b"\n")
 
-    for fp in inputs:
-        for doc in iter_documents(fp):
-            rep.stats.documents += 1
-            decoded = decode(doc, **kw)
-            for r in decoded.rejections:
-                rep.stats.rejected[r.reason] += 1
-            if decoded.spans:
-                emit(rep.feed(decoded.spans))
-    emit(rep.finish())
+    with young_gc_threshold():
+        for fp in inputs:
+            for doc in iter_documents(fp):
+                rep.stats.documents += 1
+                decoded = decode(doc, **kw)
+                for r in decoded.rejections:
+                    rep.stats.rejected[r.reason] += 1
+                if decoded.spans:
+                    emit(rep.feed(decoded.spans))
+        emit(rep.finish())
     return rep.stats
 
 

@@ -91,47 +91,72 @@ def canonical_hash(value: Any) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+# These run several times per span on the hot path: lookups are spelled out, and a ``str`` value
+# (the usual case) is returned without calling ``str``.
+
+
 def _first(span: Span, keys: tuple[str, ...]) -> Any:
+    a = span.attributes
     for k in keys:
-        v = span.attributes.get(k)
+        v = a.get(k)
         if v is not None and v != "":
             return v
-    for k in keys:
-        v = span.resource.get(k)
-        if v is not None and v != "":
-            return v
+    r = span.resource
+    if r:
+        for k in keys:
+            v = r.get(k)
+            if v is not None and v != "":
+                return v
     return None
 
 
 def session_of(span: Span) -> str:
     v = _first(span, SESSION_KEYS)
-    return str(v) if v is not None else span.trace_id
+    if v is None:
+        return span.trace_id
+    return v if type(v) is str else str(v)
 
 
 def tenant_of(span: Span) -> str | None:
     v = _first(span, TENANT_KEYS)
     if v is None:
-        v = span.attr("service.name")
-    return str(v) if v is not None else None
+        v = span.attributes.get("service.name")
+        if v is None:
+            v = span.resource.get("service.name")
+            if v is None:
+                return None
+    return v if type(v) is str else str(v)
 
 
 def workflow_of(span: Span) -> str:
     v = _first(span, WORKFLOW_KEYS)
-    return str(v) if v is not None else span.trace_id
+    if v is None:
+        return span.trace_id
+    return v if type(v) is str else str(v)
+
+
+_OP = "gen_ai.operation.name"
+_TOOL = "gen_ai.tool.name"
 
 
 def operation_of(span: Span) -> str | None:
-    v = span.attr("gen_ai.operation.name")
-    return str(v) if v is not None else None
+    v = span.attributes.get(_OP)
+    if v is None:
+        v = span.resource.get(_OP)
+        if v is None:
+            return None
+    return v if type(v) is str else str(v)
 
 
 def tool_name_of(span: Span) -> str | None:
-    v = span.attributes.get("gen_ai.tool.name")
-    return str(v) if v is not None else None
+    v = span.attributes.get(_TOOL)
+    if v is None:
+        return None
+    return v if type(v) is str else str(v)
 
 
 def is_tool_call(span: Span) -> bool:
-    return tool_name_of(span) is not None or operation_of(span) == "execute_tool"
+    return span.attributes.get(_TOOL) is not None or operation_of(span) == "execute_tool"
 
 
 def fingerprint_of(span: Span) -> tuple[str, str | None]:
@@ -155,6 +180,11 @@ def is_mutation(span: Span) -> bool:
 
 
 def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    t = type(v)
+    if t is int or t is float:
+        return float(v)
     if isinstance(v, bool):
         return None
     if isinstance(v, int | float):
@@ -235,7 +265,10 @@ def retry_count_of(span: Span) -> int:
 
 def is_agent_span(span: Span) -> bool:
     """``invoke_agent`` / ``create_agent`` spans: they summarize their children, they are no call."""
-    return operation_of(span) in AGENT_OPERATIONS
+    v = span.attributes.get(_OP)
+    if v is None:
+        v = span.resource.get(_OP)
+    return v in AGENT_OPERATIONS if type(v) is str else operation_of(span) in AGENT_OPERATIONS
 
 
 def call_route_of(span: Span) -> str | None:
@@ -248,9 +281,48 @@ def call_route_of(span: Span) -> str | None:
     >>> call_route_of(mk({"gen_ai.operation.name": "invoke_agent", "gen_ai.request.model": "gpt-4o"})) is None
     True
     """
-    if is_agent_span(span):
+    a = span.attributes
+    op = a.get(_OP)
+    if op is None:
+        op = span.resource.get(_OP)
+    if op is not None and (op if type(op) is str else str(op)) in AGENT_OPERATIONS:
         return None
-    return route_of(span)
+    tool = a.get(_TOOL)
+    if tool is not None:
+        return f"tool:{tool if type(tool) is str else str(tool)}"
+    return _model_route(span)
+
+
+def _model_route(span: Span) -> str | None:
+    """:func:`route_of` of a span without a tool name."""
+    prov = span.attributes.get("gen_ai.provider.name")
+    if prov is None:
+        prov = span.resource.get("gen_ai.provider.name")
+    model = span.attributes.get("gen_ai.request.model")
+    if prov is None and model is None:
+        return None
+    return f"{prov or '-'}/{model or '-'}"
+
+
+def call_key_of(span: Span, sep: str) -> str | None:
+    """What "the same call" means for implicit retries (see ``retry.call_key``): for a tool call
+    ``tool:<name><sep><argument hash or ''>``, else the model route; None for agent spans."""
+    a = span.attributes
+    op = a.get(_OP)
+    if op is None:
+        op = span.resource.get(_OP)
+    if op is not None and type(op) is not str:
+        op = str(op)
+    if op in AGENT_OPERATIONS:
+        return None
+    tool = a.get(_TOOL)
+    if tool is not None or op == "execute_tool":
+        name = (tool if type(tool) is str else str(tool)) if tool is not None else None
+        h = a.get("tool.payload_hash")
+        if h is not None and type(h) is not str:
+            h = str(h)
+        return f"tool:{name or span.name}{sep}{h or ''}"
+    return _model_route(span)
 
 
 def provider_of(span: Span) -> str | None:

@@ -12,8 +12,9 @@ reference is generated from it (``breakwater config``).
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,16 +29,23 @@ class Settings(BaseSettings):
         description="Kafka bootstrap URL(s), comma separated, `kafka://host:port`.",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="Kafka security protocol for every client."
+        "PLAINTEXT",
+        description="Kafka security protocol of every client (worker, gateway, exporter, tail, simulate, admin).",
     )
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
-        None, description="SASL mechanism (required with SASL_* protocols)."
+        None, description="SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (required with SASL_*)."
     )
-    sasl_username: str | None = Field(None, description="SASL user name.")
-    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
-    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL / SASL_SSL.")
-    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
-    ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
+    sasl_username: str | None = Field(None, description="SASL user name (required with SASL_*).")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (required with SASL_*; never logged or printed)."
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="CA bundle (PEM) that signs the brokers' certificates; system CAs when unset (SSL / SASL_SSL)."
+    )
+    ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM) for mutual TLS; needs `BREAKWATER_SSL_KEYFILE`."
+    )
+    ssl_keyfile: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
 
     # --- topics
     topic_spans: str = Field("agent.spans", description="Input: flat JSON spans.")
@@ -88,17 +96,51 @@ class Settings(BaseSettings):
                 raise ValueError(f"broker: expected kafka://host:port, got {part.strip()!r}")
         return v
 
+    @field_validator("sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile",
+                     "ssl_keyfile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v  # `FOO=` in an env file means unset
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _check_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file {str(v)!r} does not exist or is not a file")
+        return v
+
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
-        if self.security_protocol.startswith("SASL"):
+        """Half-configured security is an error that names the env vars to fix, never a silent downgrade."""
+        proto = self.security_protocol
+        is_sasl, is_ssl = proto.startswith("SASL"), proto in ("SSL", "SASL_SSL")
+        sasl_set = [env for env, v in (("BREAKWATER_SASL_MECHANISM", self.sasl_mechanism),
+                                       ("BREAKWATER_SASL_USERNAME", self.sasl_username),
+                                       ("BREAKWATER_SASL_PASSWORD", self.sasl_password)) if v is not None]
+        ssl_set = [env for env, v in (("BREAKWATER_SSL_CAFILE", self.ssl_cafile),
+                                      ("BREAKWATER_SSL_CERTFILE", self.ssl_certfile),
+                                      ("BREAKWATER_SSL_KEYFILE", self.ssl_keyfile)) if v is not None]
+        if is_sasl:
             if not self.sasl_mechanism:
-                raise ValueError("sasl_mechanism: required when security_protocol is SASL_*")
-            if not self.sasl_username or self.sasl_password is None:
-                raise ValueError("sasl_username/sasl_password: required when security_protocol is SASL_*")
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            p = getattr(self, name)
-            if p is not None and not p.exists():
-                raise ValueError(f"{name}: file {p} does not exist")
+                raise ValueError(f"BREAKWATER_SASL_MECHANISM is required when BREAKWATER_SECURITY_PROTOCOL={proto} "
+                                 "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+            missing = [env for env, v in (("BREAKWATER_SASL_USERNAME", self.sasl_username),
+                                          ("BREAKWATER_SASL_PASSWORD", self.sasl_password)) if not v]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} required when BREAKWATER_SECURITY_PROTOCOL={proto}")
+        elif sasl_set:
+            raise ValueError(f"{', '.join(sasl_set)} set, but BREAKWATER_SECURITY_PROTOCOL={proto} does not use SASL "
+                             "(set it to SASL_SSL or SASL_PLAINTEXT)")
+        if ssl_set and not is_ssl:
+            raise ValueError(f"{', '.join(ssl_set)} set, but BREAKWATER_SECURITY_PROTOCOL={proto} does not use TLS "
+                             "(set it to SSL or SASL_SSL)")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            have, need = (("BREAKWATER_SSL_CERTFILE", "BREAKWATER_SSL_KEYFILE") if self.ssl_keyfile is None
+                          else ("BREAKWATER_SSL_KEYFILE", "BREAKWATER_SSL_CERTFILE"))
+            raise ValueError(f"{need} is required with {have}: mutual TLS needs both the client certificate "
+                             "and its key (the same path for a combined PEM file)")
+        if is_ssl:
+            self.ssl_context()  # unreadable CA / certificate / key: fail now, naming the env vars
         return self
 
     @property
@@ -109,24 +151,75 @@ class Settings(BaseSettings):
     def repartition_topic(self) -> str:
         return f"{self.app_id}.spans-by-session"
 
-    def kafka_client_kwargs(self) -> dict[str, object]:
-        """Security options for every aiokafka client (producer, consumer, admin)."""
+    def kafka_client_kwargs(self, **extra: object) -> dict[str, object]:
+        """Connection and security options for every aiokafka client (producer, consumer, admin).
+
+        The one place they are built: every Kafka client of Breakwater is constructed from this
+        (``extra`` adds client-specific options such as ``client_id`` or ``acks``); the faust app
+        gets the same options through :meth:`faust_credentials`.
+
+        >>> Settings(broker="kafka://127.0.0.1:19092").kafka_client_kwargs(client_id="x")
+        {'bootstrap_servers': '127.0.0.1:19092', 'client_id': 'x'}
+        """
         kw: dict[str, object] = {"bootstrap_servers": self.bootstrap_servers}
         if self.security_protocol != "PLAINTEXT":
             kw["security_protocol"] = self.security_protocol
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            kw["ssl_context"] = create_ssl_context(
-                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
-                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
-                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
-            )
+            kw["ssl_context"] = self.ssl_context()
         if self.security_protocol.startswith("SASL"):
             kw["sasl_mechanism"] = self.sasl_mechanism
             kw["sasl_plain_username"] = self.sasl_username
             kw["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        kw.update(extra)
         return kw
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying TLS context: the CA bundle (or the system CAs) and the client cert/key if set."""
+        from aiokafka.helpers import create_ssl_context
+
+        try:
+            return create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        except (ssl.SSLError, OSError) as exc:
+            files = ", ".join(f"{env}={p}" for env, p in (("BREAKWATER_SSL_CAFILE", self.ssl_cafile),
+                                                           ("BREAKWATER_SSL_CERTFILE", self.ssl_certfile),
+                                                           ("BREAKWATER_SSL_KEYFILE", self.ssl_keyfile)) if p)
+            raise ValueError(f"TLS files unusable ({files or 'system CAs'}): {exc}") from exc
+
+    def faust_credentials(self) -> Any:
+        """The same security options as :meth:`kafka_client_kwargs`, as faust broker credentials."""
+        if self.security_protocol == "PLAINTEXT":
+            return None
+        import faust
+
+        kw = self.kafka_client_kwargs()
+        if self.security_protocol.startswith("SASL"):
+            return faust.SASLCredentials(
+                username=self.sasl_username,
+                password=self.sasl_password.get_secret_value() if self.sasl_password else None,
+                mechanism=self.sasl_mechanism,
+                ssl_context=kw.get("ssl_context"),
+            )
+        return faust.SSLCredentials(kw["ssl_context"])
+
+
+def kafka_client_kwargs(source: Settings | str, **extra: object) -> dict[str, object]:
+    """Client options from a :class:`Settings` (with its security options) or a bare bootstrap string
+    (``host:port`` or ``kafka://host:port``, comma separated: PLAINTEXT, for tests and local brokers).
+
+    >>> kafka_client_kwargs("kafka://127.0.0.1:1, kafka://127.0.0.1:2", acks=1)
+    {'bootstrap_servers': '127.0.0.1:1,127.0.0.1:2', 'acks': 1}
+    """
+    if isinstance(source, str):
+        kw: dict[str, object] = {
+            "bootstrap_servers": ",".join(p.strip().removeprefix("kafka://") for p in source.split(","))
+        }
+        kw.update(extra)
+        return kw
+    return source.kafka_client_kwargs(**extra)
 
 
 def config_reference() -> str:

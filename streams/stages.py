@@ -155,7 +155,7 @@ class ScopeStage:
             "route": retry.RouteRetryStorm(policy.section("retry_storm", None).params()),
             "tenant": cost.TenantCostVelocity(policy.section("cost_velocity", None).params()),
         }
-        self.merges = {"route": retry.merge, "tenant": cost.merge}
+        self.schemas = {"route": retry.ROUTE_SCHEMA, "tenant": cost.TENANT_SCHEMA}
 
     def key_of(self, span: Span) -> str | None:  # noqa: ARG002
         return None
@@ -166,9 +166,8 @@ class ScopeStage:
     def step_key(self, state: ScopeState, key: str, aggs: list[dict], watermark_ns: int) -> tuple[ScopeState, list[Output]]:
         kind = key.partition(":")[0]
         core = self.cores[kind]
-        merged = aggs[0]
-        for a in aggs[1:]:
-            merged = self.merges[kind](merged, a)
+        # (retry.merge / cost.merge of keyed aggregates, all at once)
+        merged = aggs[0] if len(aggs) == 1 else self.schemas[kind].merge_keyed_all(aggs)
         if state.det is None:
             state.kind, state.det = kind, core.new_state()
         state.det, fs = core.step(state.det, merged, watermark_ns)
@@ -255,6 +254,9 @@ def group(stage: Any, spans: list[Span]) -> dict[str, list[Span]]:
 class MemoryRunner:
     """A stage's states in a dict, its timers in a heap: the replay driver.
 
+    ``due`` holds each key's scheduled deadline (its state's ``next_deadline``); heap entries that
+    no longer match it are stale and skipped without touching the state.
+
     >>> from streams.policy import Policy
     >>> r = MemoryRunner(build_stages(Policy())[0])
     >>> r.feed({}, 0), r.fire(0), r.finish()
@@ -265,52 +267,65 @@ class MemoryRunner:
         self.stage = stage
         self.states: dict[str, Any] = {}
         self.heap: list[tuple[int, str]] = []
+        self.due: dict[str, int] = {}
         self.next_sweep_ns = 0
         self.evicted = 0
 
+    def _schedule(self, key: str, d: int | None) -> None:
+        due = self.due
+        if d is None:
+            due.pop(key, None)
+        elif due.get(key) != d:
+            due[key] = d
+            heapq.heappush(self.heap, (d, key))
+
     def feed(self, groups: dict[str, list[Any]], watermark_ns: int) -> list[Output]:
         out: list[Output] = []
-        st_new = self.stage.new_state
-        step_key = getattr(self.stage, "step_key", None)
+        states = self.states
+        stage = self.stage
+        st_new = stage.new_state
+        next_deadline = stage.next_deadline
+        schedule = self._schedule
+        step_key = getattr(stage, "step_key", None)
+        step = getattr(stage, "step", None)
         for key, items in groups.items():
-            st = self.states.get(key)
+            st = states.get(key)
             if st is None:
                 st = st_new()
             if step_key is not None:
                 st, o = step_key(st, key, items, watermark_ns)
             else:
-                st, o = self.stage.step(st, items, watermark_ns)
-            self.states[key] = st
-            out.extend(o)
-            d = self.stage.next_deadline(st)
-            if d is not None:
-                heapq.heappush(self.heap, (d, key))
+                st, o = step(st, items, watermark_ns)
+            states[key] = st
+            if o:
+                out.extend(o)
+            schedule(key, next_deadline(st))
         return out
 
     def fire(self, watermark_ns: int) -> list[Output]:
         out: list[Output] = []
         heap = self.heap
+        due = self.due
+        stage = self.stage
         while heap and heap[0][0] <= watermark_ns:
-            _, key = heapq.heappop(heap)
-            st = self.states.get(key)
-            if st is None:
-                continue
-            d = self.stage.next_deadline(st)
-            if d is None or d > watermark_ns:
-                continue  # a stale timer: the state's real deadline is (re)pushed elsewhere
-            st, o = self.stage.advance(st, watermark_ns)
+            d, key = heapq.heappop(heap)
+            if due.get(key) != d:
+                continue  # a stale timer: the key's real deadline is scheduled separately
+            del due[key]
+            st = self.states[key]
+            st, o = stage.advance(st, watermark_ns)
             out.extend(o)
-            if self.stage.expired(st, watermark_ns):
+            if stage.expired(st, watermark_ns):
                 del self.states[key]
                 self.evicted += 1
                 continue
-            d = self.stage.next_deadline(st)
+            d = stage.next_deadline(st)
             if d is not None:
-                heapq.heappush(heap, (max(d, watermark_ns + 1) if d <= watermark_ns else d, key))
+                self._schedule(key, max(d, watermark_ns + 1) if d <= watermark_ns else d)
         if watermark_ns >= self.next_sweep_ns:
             self.next_sweep_ns = watermark_ns + SWEEP_EVERY_NS
-            dead = [k for k, st in self.states.items()
-                    if self.stage.next_deadline(st) is None and self.stage.expired(st, watermark_ns)]
+            expired = stage.expired
+            dead = [k for k, st in self.states.items() if k not in due and expired(st, watermark_ns)]
             for k in dead:
                 del self.states[k]
             self.evicted += len(dead)
@@ -325,4 +340,5 @@ class MemoryRunner:
         self.evicted += len(self.states)
         self.states.clear()
         self.heap.clear()
+        self.due.clear()
         return out

@@ -195,7 +195,7 @@ def aggregate(spans: Iterable[Span], prices: PriceTable | None = None, *,
         t = span.end_ns
         entry = [nusd, span.span_id, span.trace_id, session] if nusd else None
         for acc, key, idx in ((sacc, session, t // S), (tacc, tenant, t // MIN_NS)):
-            if key is None:
+            if key is None:  # (a tenant may be unknown)
                 continue
             per = acc.get(key)
             if per is None:
@@ -218,12 +218,19 @@ def aggregate(spans: Iterable[Span], prices: PriceTable | None = None, *,
                     a[5].append(entry)
             if tenant is not None and (a[6] is None or tenant < a[6]):
                 a[6] = tenant
-    return {
-        "tenants": {k: {"kind": "tenant", "key": k, "buckets": {str(m): _bucket(a, False) for m, a in v.items()}}
-                    for k, v in tacc.items()},
-        "sessions": {k: {"kind": "session", "key": k, "buckets": {str(t): _bucket(a, True) for t, a in v.items()}}
-                     for k, v in sacc.items()},
-    }
+    tenants: dict[str, Any] = {}
+    for k, v in tacc.items():
+        buckets = {}
+        for m, a in v.items():
+            buckets[str(m)] = _bucket(a, False)
+        tenants[k] = {"kind": "tenant", "key": k, "buckets": buckets}
+    sessions: dict[str, Any] = {}
+    for k, v in sacc.items():
+        buckets = {}
+        for t, a in v.items():
+            buckets[str(t)] = _bucket(a, True)
+        sessions[k] = {"kind": "session", "key": k, "buckets": buckets}
+    return {"tenants": tenants, "sessions": sessions}
 
 
 def _bucket(a: list[Any], with_tenant: bool) -> dict[str, Any]:

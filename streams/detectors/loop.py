@@ -153,12 +153,16 @@ class NoProgressLoop:
 
         # 1. progress resets everything
         progress = False
-        sh = semconv.state_hash_of(span)
+        a = span.attributes
+        sh = a.get("agent.state_hash")  # semconv.state_hash_of, inlined (hot path)
         if sh is not None:
+            if type(sh) is not str:
+                sh = str(sh)
             if state.state_hash is not None and sh != state.state_hash:
                 progress = True
             state.state_hash = sh
-        tool_call = semconv.is_tool_call(span)
+        op = semconv.operation_of(span)
+        tool_call = a.get("gen_ai.tool.name") is not None or op == "execute_tool"  # semconv.is_tool_call
         key = ""
         has_hash = True
         if tool_call:
@@ -180,7 +184,7 @@ class NoProgressLoop:
         hits: list[tuple[str, dict[str, Any], list[Any]]] = []  # (rule, evidence, first [ns, span_id])
 
         # 2. stagnation: consecutive chats with one state hash
-        if semconv.operation_of(span) == "chat":
+        if op == "chat":
             if sh is None:
                 state.chat_streak, state.chat_hash, state.chat_first = 0, None, None
             elif sh == state.chat_hash:

@@ -198,12 +198,7 @@ def call_key(span: Span) -> str | None:
     >>> call_key(span(1, tool="search", args="h1")), call_key(span(1, op="invoke_agent"))
     ('tool:search\\x1fh1', None)
     """
-    if semconv.is_agent_span(span):
-        return None
-    if semconv.is_tool_call(span):
-        tool, h = semconv.fingerprint_of(span)
-        return f"tool:{tool}{_SEP}{h or ''}"
-    return semconv.route_of(span)
+    return semconv.call_key_of(span, _SEP)
 
 
 @dataclass(slots=True)
@@ -351,7 +346,7 @@ def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, 
                 rb = per[sec] = {"attempts": 0, "calls": 0}
             rb["calls"] += 1
             rb["attempts"] += 1 + resends
-            if not semconv.is_error(span):
+            if not (span.status == "ERROR" or a.get("error.type") is not None):  # semconv.is_error
                 rb["ok"] = rb.get("ok", 0) + 1
         if not r:
             continue
@@ -376,13 +371,19 @@ def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, 
                 m[tenant] = m.get(tenant, 0) + r
             m = sb.setdefault("routes", {})
             m[route] = m.get(route, 0) + r
-    return {
-        "routes": {k: {"kind": "route", "key": k, "buckets": {str(t): _tidy(b, ROUTE_SCHEMA) for t, b in v.items()}}
-                   for k, v in racc.items()},
-        "sessions": {k: {"kind": "session", "key": k, "buckets": {str(t): _tidy(b, SESSION_SCHEMA)
-                                                                   for t, b in v.items()}}
-                     for k, v in sacc.items()},
-    }
+    routes: dict[str, Any] = {}
+    for k, v in racc.items():
+        buckets: dict[str, Any] = {}
+        for t, b in v.items():  # maps and samples exist only in buckets with retries
+            buckets[str(t)] = _tidy(b, ROUTE_SCHEMA) if "retries" in b else b
+        routes[k] = {"kind": "route", "key": k, "buckets": buckets}
+    sessions: dict[str, Any] = {}
+    for k, v in sacc.items():
+        buckets = {}
+        for t, b in v.items():
+            buckets[str(t)] = _tidy(b, SESSION_SCHEMA)
+        sessions[k] = {"kind": "session", "key": k, "buckets": buckets}
+    return {"routes": routes, "sessions": sessions}
 
 
 def _add_retry(b: dict[str, Any], r: int, imp: int, t: int, entry: list[Any]) -> None:

@@ -131,14 +131,23 @@ class Schema:
 
     # -- keyed aggregates: {"kind": kind, "key": k, "buckets": {"<second or minute>": bucket}}
     def merge_keyed(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        if a["key"] != b["key"] or a.get("kind") != b.get("kind"):
-            raise ValueError(f"cannot merge aggregates of {a.get('kind')} {a['key']!r} and "
-                             f"{b.get('kind')} {b['key']!r}")
-        out = {t: self.copy(v) for t, v in a["buckets"].items()}
-        for t, v in b["buckets"].items():
-            cur = out.get(t)
-            out[t] = self.copy(v) if cur is None else self.merge_into(cur, v)
-        return {"kind": a.get("kind"), "key": a["key"], "buckets": out}
+        return self.merge_keyed_all((a, b))
+
+    def merge_keyed_all(self, aggs: Any) -> dict[str, Any]:
+        """Keyed aggregates (of one kind and key; at least one) merged into a new one, in one pass:
+        the same result as merging them pairwise, left to right."""
+        first = aggs[0]
+        key, kind = first["key"], first.get("kind")
+        copy, merge_into = self.copy, self.merge_into
+        out = {t: copy(v) for t, v in first["buckets"].items()}
+        for b in aggs[1:]:
+            if b["key"] != key or b.get("kind") != kind:
+                raise ValueError(f"cannot merge aggregates of {kind} {key!r} and "
+                                 f"{b.get('kind')} {b['key']!r}")
+            for t, v in b["buckets"].items():
+                cur = out.get(t)
+                out[t] = copy(v) if cur is None else merge_into(cur, v)
+        return {"kind": kind, "key": key, "buckets": out}
 
     # -- window sums (add / subtract; samples, times and labels are not part of a window sum)
     def add(self, win: dict[str, Any], b: dict[str, Any], sign: int = 1) -> None:
@@ -146,7 +155,7 @@ class Schema:
         for k, v in b.items():
             c = kind.get(k)
             if c == _SUM:
-                win[k] = win.get(k, 0) + sign * v
+                win[k] = win.get(k, 0) + (v if sign == 1 else sign * v)
             elif c == _MAP:
                 wv = win.get(k)
                 if wv is None:
@@ -305,26 +314,39 @@ class Sliding:
 
     def points(self, st: Any, watermark_ns: int, extra: tuple[int, ...] = ()) -> list[int]:
         """Change points ``T`` to evaluate, in order, up to the last bucket complete at the watermark."""
-        lo = self.start(st)
-        hi = self.last_complete(watermark_ns)
-        if lo is None or hi <= lo:
+        lo = st.closed
+        if lo is None:
+            if not st.buckets:
+                return []
+            lo = min(st.buckets) - 1
+        hi = watermark_ns // self.unit_ns - 1
+        if hi <= lo:
             return []
         w = self.w
-        pts = {t for t in st.buckets if lo < t <= hi}
-        pts.update(t + w for t in st.buckets if lo < t + w <= hi)
-        pts.update(t for t in extra if lo < t <= hi)
+        pts = set()
+        add = pts.add
+        for t in st.buckets:
+            if lo < t <= hi:
+                add(t)
+            if lo < t + w <= hi:
+                add(t + w)
+        for t in extra:
+            if lo < t <= hi:
+                add(t)
         return sorted(pts)
 
     def move(self, st: Any, t: int) -> dict[str, Any] | None:
         """Slide the window so that it ends at bucket ``t`` (``t`` from :meth:`points`, in order);
         returns the bucket ``t`` when it brought data (the window gained something)."""
-        b = st.buckets.get(t)
-        entered = b if b is not None and (st.closed is None or t > st.closed) else None
+        buckets = st.buckets
+        b = buckets.get(t)
+        closed = st.closed
+        entered = b if b is not None and (closed is None or t > closed) else None
         if entered is not None:
             self.schema.add(st.win, b, 1)
             if self.fold:
                 self._fold(st, b)
-        old = st.buckets.pop(t - self.w, None)
+        old = buckets.pop(t - self.w, None)
         if old is not None:
             self.schema.add(st.win, old, -1)
         st.closed = t
@@ -345,11 +367,21 @@ class Sliding:
 
     def next_point(self, st: Any) -> int | None:
         """Event time (ns) at which the next change point becomes due, or None."""
-        lo = self.start(st)
+        buckets = st.buckets
+        lo = st.closed
         if lo is None:
+            if not buckets:
+                return None
+            lo = min(buckets) - 1
+        w = self.w
+        best = None
+        for t in buckets:  # the earliest bucket to enter (t > lo) or to leave (t + w > lo)
+            if t <= lo:
+                t += w
+                if t <= lo:
+                    continue
+            if best is None or t < best:
+                best = t
+        if best is None:
             return None
-        cands = [t for t in st.buckets if t > lo]
-        cands += [t + self.w for t in st.buckets if t + self.w > lo]
-        if not cands:
-            return None
-        return (min(cands) + 1) * self.unit_ns
+        return (best + 1) * self.unit_ns
