@@ -143,7 +143,17 @@ def cmd_breaker_release(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import main as bench_main
 
-    print(bench_main(sessions=args.sessions, memory_sessions=args.memory_sessions))
+    argv = ["breakwater", "bench", "--sessions", str(args.sessions), "--memory-sessions", str(args.memory_sessions),
+            "--keys", str(args.keys)]
+    if args.no_live:
+        argv.append("--no-live")
+    else:
+        argv += ["--e2e-spans", str(args.e2e_spans), "--latency-rate", args.latency_rate,
+                 "--latency-seconds", f"{args.latency_seconds:g}"]
+    print(bench_main(sessions=args.sessions, memory_sessions=args.memory_sessions, e2e_spans=args.e2e_spans,
+                     latency_rates=tuple(float(x) for x in args.latency_rate.split(",") if x),
+                     latency_s=args.latency_seconds, keys=args.keys, live=not args.no_live,
+                     command=" ".join(argv)))
     return 0
 
 
@@ -207,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput and memory, as ratios to a ceiling measured in the same run")
     b.add_argument("--sessions", type=int, default=2000, help="simulated sessions in the replay file")
     b.add_argument("--memory-sessions", type=int, default=50_000)
+    b.add_argument("--keys", type=int, default=100_000, help="keys per kind of state for memory per key")
+    b.add_argument("--e2e-spans", type=int, default=100_000, help="spans pre-produced for the end-to-end run")
+    b.add_argument("--latency-rate", default="5000,500", help="offered spans/s of the latency runs (comma separated)")
+    b.add_argument("--latency-seconds", type=float, default=20.0, help="length of each latency run")
+    b.add_argument("--no-live", action="store_true", help="skip the embedded-broker parts (replay and memory only)")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -82,7 +82,9 @@ TRACKED_KEYS = Gauge(
     ["detector", "scope"], registry=REGISTRY,
 )
 EVICTIONS = Counter(
-    "breakwater_state_evictions", "Per-key states evicted after their TTL (event time), by scope.", ["scope"],
+    "breakwater_state_evictions",
+    "Per-key states evicted after their TTL (event time) or, least recently seen first, past the per-partition "
+    "key cap (BREAKWATER_MAX_KEYS_PER_PARTITION), by scope.", ["scope"],
     registry=REGISTRY,
 )
 UNPRICED_SPANS = Counter(

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Live mode: how often timers also advance on wall clock (s)."
     )
     max_message_bytes: int = Field(1_048_576, ge=1024, description="Larger input messages go to the DLQ.")
+    state_memory_mb: int = Field(
+        8, ge=2,
+        description="RocksDB memory per stage table partition (MiB): half write buffers, half block "
+        "cache (faust's defaults allow ~2.7 GiB each).")
+    max_keys_per_partition: int = Field(
+        100_000, ge=0,
+        description="Live state cap: keys (sessions, traces, workflows, routes/tenants) one stage tracks per "
+        "partition; past it the least recently seen key is evicted early (counted in "
+        "breakwater_state_evictions_total). 0 = no cap (TTL only).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Worker log level.")
     metrics_port: int = Field(
         9464, ge=0, le=65535,

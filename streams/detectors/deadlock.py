@@ -265,7 +265,7 @@ def carries_plan(span: Span) -> bool:
     a = span.attributes
     if "plan.steps" in a or "plan.step.id" in a:
         return True
-    return any(ev.name == "plan.step" for ev in span.events)
+    return bool(span.events) and any(ev.name == "plan.step" for ev in span.events)
 
 
 def _rotate(cyc: list[str]) -> list[str]:

@@ -159,16 +159,19 @@ def extract(span: Span) -> list[Any]:
     ([9, 's1', 0, None, 3, 'ls', None], False)
     """
     flags = 0
+    a = span.attributes
     op = semconv.operation_of(span)
-    if op == "execute_tool" or semconv.tool_name_of(span) is not None:  # semconv.is_tool_call
+    # semconv.is_tool_call, is_error, is_mutation, is_verified, inlined (once per span)
+    if op == "execute_tool" or a.get("gen_ai.tool.name") is not None:
         flags |= _F_TOOL
-    if semconv.is_error(span):
+    if span.status == "ERROR" or a.get("error.type") is not None:
         flags |= _F_ERR
-    if semconv.is_mutation(span):
+    if a.get("tool.action_class") in semconv.MUTATION_CLASSES:
         flags |= _F_MUT
-    if semconv.is_verified(span):
+    v = a.get("tool.verification_status")
+    if isinstance(v, str) and v.lower() == "verified":
         flags |= _F_VER
-    approval = semconv.approval_status_of(span)
+    approval = semconv.approval_status_of(span) if "approval.status" in a else None
     relevant = flags & (_F_TOOL | _F_MUT | _F_VER) or approval is not None
     root = None
     is_agent = op == "invoke_agent"

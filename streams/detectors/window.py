@@ -32,6 +32,7 @@ Two things live here:
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 S = 10**9
@@ -49,7 +50,8 @@ class Schema:
     ValueError: sample size of 'ids' must be >= 1
     """
 
-    __slots__ = ("sums", "maps", "samples", "mins", "maxs", "firsts", "_kind", "_cap", "_sample")
+    __slots__ = ("sums", "maps", "samples", "mins", "maxs", "firsts", "_kind", "_cap", "_sample",
+                 "_sumset", "_mapset")
 
     def __init__(self, sums: tuple[str, ...] = (), maps: tuple[tuple[str, int], ...] = (),
                  samples: tuple[tuple[str, int, bool], ...] = (), mins: tuple[str, ...] = (),
@@ -76,6 +78,8 @@ class Schema:
         for k in firsts:
             kind[k] = _MIN
         self._kind = kind
+        self._sumset = frozenset(k for k, c in kind.items() if c == _SUM)
+        self._mapset = frozenset(k for k, c in kind.items() if c == _MAP)
         self._cap = dict(maps)
         self._sample = {k: (n, largest) for k, n, largest in samples}
 
@@ -151,12 +155,11 @@ class Schema:
 
     # -- window sums (add / subtract; samples, times and labels are not part of a window sum)
     def add(self, win: dict[str, Any], b: dict[str, Any], sign: int = 1) -> None:
-        kind = self._kind
+        sums, maps = self._sumset, self._mapset
         for k, v in b.items():
-            c = kind.get(k)
-            if c == _SUM:
-                win[k] = win.get(k, 0) + (v if sign == 1 else sign * v)
-            elif c == _MAP:
+            if k in sums:
+                win[k] = win.get(k, 0) + sign * v
+            elif k in maps:
                 wv = win.get(k)
                 if wv is None:
                     wv = win[k] = {}
@@ -189,6 +192,16 @@ def _desc(e: list[Any]) -> tuple[Any, ...]:
     return (-e[0], *e[1:])
 
 
+_FIRST = itemgetter(0)
+
+
+def _sort_desc(out: list[Any]) -> None:
+    """Sort in place by ``_desc`` (largest first element, then the rest ascending), without a
+    Python key function: sort ascending, then stably by the first element descending."""
+    out.sort()
+    out.sort(key=_FIRST, reverse=True)
+
+
 def merge_sample(a: list[list[Any]], b: list[list[Any]], k: int, largest: bool) -> list[list[Any]]:
     """Union of two canonical samples (sorted, de-duplicated, ≤ ``k``): the ``k`` smallest, or
     the largest by first element. The result may share ``a`` or ``b``: samples are never changed
@@ -205,7 +218,10 @@ def merge_sample(a: list[list[Any]], b: list[list[Any]], k: int, largest: bool) 
     for e in b:
         if e not in out:
             out.append(e)
-    out.sort(key=_desc if largest else None)
+    if largest:
+        _sort_desc(out)
+    else:
+        out.sort()
     del out[k:]
     return out
 
