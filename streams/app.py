@@ -149,16 +149,19 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
     lateness_ns = policy.allowed_lateness_ns
     n_parts = settings.partitions
 
-    async def publish(outs: list) -> None:
+    async def publish(outs: list) -> list:
+        """Send the records; returns their delivery futures."""
+        futs = []
         for o in outs:
             if o.kind == "forward":
                 continue
             if o.kind == "incident":
-                await incidents.send(key=o.key, value=o.value)
+                futs.append(await incidents.send(key=o.key, value=o.value))
                 metrics.incident_published(o)
             else:
-                await breaker.send(key=o.key, value=o.value)
+                futs.append(await breaker.send(key=o.key, value=o.value))
                 metrics.COMMANDS.labels(action=o.status, mode=o.mode).inc()
+        return futs
 
     wired = [
         KeyedStage(app, stage, app.topic(stage_topic(settings, stage.name), partitions=n_parts, **raw),
@@ -341,7 +344,7 @@ class KeyedStage:
 
     State is written behind: live states stay in a bounded cache and a changed key is written to
     the table (RocksDB + changelog) once per flush, not once per batch — before every offset
-    commit, on rebalance, and every ``flush_every_s`` — so a key busy in many batches costs one
+    commit and on rebalance, never ahead of the offsets — so a key busy in many batches costs one
     table write per flush (SPEC §9: a table write ≈ 0.4–0.6 ms).
     """
 
@@ -370,11 +373,11 @@ class KeyedStage:
         self.forward_to: KeyedStage | None = None  # the route / tenant stage, for the session stage
         self._forwards: dict[str, list] = {}
         self._forward_hi = 0
-        self.flush_every_s = 1.0  # the commit hook flushes too; this bounds a quiet group's lag
         self.cache: dict[bytes, Any] = {}  # key -> live state (clean or dirty)
         self.dirty: dict[int, dict[bytes, None]] = {}  # partition -> changed keys, in order
         self.ctx: dict[int, Any] = {}  # partition -> an event of it: routes table writes
-        self._flushed_at = time.monotonic()
+        self.pending: list[tuple[int, bytes, list]] = []  # states waiting for their records' delivery
+        self.delivering: dict[bytes, None] = {}
 
     def reset(self) -> None:
         self.cache.clear()
@@ -402,20 +405,40 @@ class KeyedStage:
             st = self.cache[key] = self.stage.load(raw)
         return st
 
-    def put_state(self, part: int, key: bytes, st: Any, outs: list = ()) -> None:  # type: ignore[assignment]
-        """Keep ``st`` as ``key``'s state; written behind, unless the step emitted a record.
+    async def put_state(self, part: int, key: bytes, st: Any, outs: list = ()) -> None:  # type: ignore[assignment]
+        """Keep ``st`` as ``key``'s state and send ``outs``; the state is written behind, unless
+        the step emitted a record.
 
-        A state whose step published an incident or a command is written at once, before the
-        record is sent: after a crash the replayed input then finds the episode already open and
-        updates it instead of opening it a second time.
+        A state whose step published an incident or a command is written once the records are
+        delivered, not before: a crash in between makes the replayed input publish them again
+        (the same ids: at-least-once), never lose a halt that was only in the producer's buffer
+        while the local store already said the episode was open.
         """
         self.cache[key] = st
-        if any(o.kind != "forward" for o in outs):
-            self.table[key] = self.stage.dump(st)
+        futs = (await self.publish(outs) or []) if outs else []
+        if futs:
             self.dirty.get(part, {}).pop(key, None)
-            metrics.STATE_WRITES.labels(stage=self.stage.name).inc()
+            self.delivering[key] = None
+            self.pending.append((part, key, futs))
         else:
             self.dirty.setdefault(part, {})[key] = None
+
+    async def deliver(self, outs: list) -> None:
+        """Send ``outs`` and wait until they are delivered (before a state is dropped)."""
+        for f in (await self.publish(outs) or []) if outs else []:
+            await f
+
+    async def settle(self) -> None:
+        """Wait for this batch's records, then write the states that emitted them."""
+        pending, self.pending = self.pending, []
+        for part, key, futs in pending:
+            for f in futs:
+                await f
+            self.delivering.pop(key, None)
+            st = self.cache.get(key)
+            if st is not None:
+                self.table[key] = self.stage.dump(st)
+                metrics.STATE_WRITES.labels(stage=self.stage.name).inc()
 
     def drop_state(self, part: int, key: bytes) -> None:
         self.cache.pop(key, None)
@@ -434,7 +457,7 @@ class KeyedStage:
             try:
                 for key in keys:
                     st = self.cache.get(key)
-                    if st is not None:
+                    if st is not None and key not in self.delivering:
                         table[key] = dump(st)
                         n += 1
             finally:
@@ -444,7 +467,6 @@ class KeyedStage:
             metrics.STATE_WRITES.labels(stage=self.stage.name).inc(n)
         if len(self.cache) > self.CACHE_MAX:
             self.cache.clear()  # all clean now: reloaded from the table on the next use
-        self._flushed_at = time.monotonic()
 
     def scan(self) -> None:
         """After a (re)assignment: learn every stored key, its last event time and its timer."""
@@ -485,8 +507,6 @@ class KeyedStage:
                 await self.process_partition(part, evs)
             finally:
                 _current_event.reset(token)
-        if time.monotonic() - self._flushed_at >= self.flush_every_s:
-            self.flush()
         if self._forwards and self.forward_to is not None:
             # route / tenant pre-aggregates of this batch: one message per scope partition
             # ({key: aggregates}), merged downstream
@@ -560,13 +580,12 @@ class KeyedStage:
                 if o.kind == "forward":
                     self._forwards.setdefault(o.key.decode(), []).append(o.payload)
                     self._forward_hi = max(self._forward_hi, hi)
-            self.put_state(part, key, st, outs)
+            await self.put_state(part, key, st, outs)
             idx[key] = stage.last_seen(st)
             idx.move_to_end(key)
             d = stage.next_deadline(st)
             if d is not None:
                 heapq.heappush(heap, (d, key))
-            await self.publish(outs)
         # timers the watermark has passed
         fired: dict[bytes, int] = {}
         while heap and heap[0][0] <= wm:
@@ -582,13 +601,12 @@ class KeyedStage:
             st, outs = stage.advance(st, wm)
             fired[key] = 1
             if stage.expired(st, wm):
+                await self.deliver(outs)
                 self.drop_state(part, key)
-                await self.publish(outs)
                 idx.pop(key, None)
                 metrics.EVICTIONS.labels(scope=stage.name).inc()
                 continue
-            self.put_state(part, key, st, outs)
-            await self.publish(outs)
+            await self.put_state(part, key, st, outs)
             d = stage.next_deadline(st)
             if d is not None:
                 heapq.heappush(heap, (max(d, wm + 1), key))
@@ -606,16 +624,17 @@ class KeyedStage:
                     continue
                 st, outs = stage.advance(st, wm)
                 if stage.expired(st, wm):
+                    await self.deliver(outs)
                     self.drop_state(part, key)
                     evicted += 1
                 else:  # still alive (a timer pending): keep it, at the back
-                    self.put_state(part, key, st, outs)
+                    await self.put_state(part, key, st, outs)
                     idx[key] = stage.last_seen(st)
-                await self.publish(outs)
             if evicted:
                 metrics.EVICTIONS.labels(scope=stage.name).inc(evicted)
         if self.max_keys and len(idx) > self.max_keys:
             await self.evict_over_cap(part, idx, heap, wm)
+        await self.settle()
 
     async def evict_over_cap(self, part: int, idx: OrderedDict, heap: list, wm: int) -> None:
         """Keep at most ``max_keys`` keys in a partition: the least recently seen go first.
@@ -632,7 +651,7 @@ class KeyedStage:
             if st is None:
                 continue
             st, outs = stage.advance(st, wm)
-            await self.publish(outs)
+            await self.deliver(outs)
             self.drop_state(part, key)
             evicted += 1
         if len(heap) > 2 * self.max_keys + 1024:  # drop the timers of evicted keys
