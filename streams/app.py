@@ -79,6 +79,20 @@ def _credentials(settings: Settings) -> Any:
     return settings.faust_credentials()  # the same options every aiokafka client gets
 
 
+def split_stored(raw: bytes) -> tuple[dict[str, int] | None, bytes]:
+    """A stored value: its key's input offsets (if any) and the stage state's own bytes.
+
+    >>> split_stored(b'H{"spans/0":41}\\n{"v":1}')
+    ({'spans/0': 41}, b'{"v":1}')
+    >>> split_stored(b'{"v":1}')
+    (None, b'{"v":1}')
+    """
+    if raw[:1] == b"H":
+        i = raw.index(b"\n")
+        return orjson.loads(raw[1:i]), raw[i + 1:]
+    return None, raw
+
+
 def rocksdb_options(settings: Settings) -> dict[str, int]:
     """RocksDB sizes for one table partition, bounded by ``state_memory_mb``.
 
@@ -210,6 +224,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             t0 = time.perf_counter()
             spans: list[Span] = []
+            source: dict[int, tuple[str, int]] = {}  # id(span) -> its input message
             for ev in events:
                 try:
                     d = decode(ev.value or b"", limits=limits)
@@ -225,6 +240,9 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                     await send_dlq(ev, d.rejections)
                 if d.spans:
                     metrics.SPANS_IN.labels(format=d.format).inc(len(d.spans))
+                    src = (f"{ev.message.topic}/{ev.message.partition}", ev.message.offset)
+                    for s in d.spans:
+                        source[id(s)] = src
                     spans.extend(d.spans)
             # one message per stage partition per batch ({key: spans}), not one per key: a faust
             # send and a faust event each cost ≈ 0.2 ms, a batch holds thousands of keys (SPEC §9)
@@ -232,19 +250,23 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
             for w in wired:
                 parts: dict[int, dict[str, list]] = {}
                 for key, group_spans in group(w.stage, spans).items():
-                    payload = []
+                    payload: list[list] = []  # [[source, offset, [wire, …]], …]
                     for s in group_spans:
                         wire = wires.get(id(s))
                         if wire is None:
                             wire = wires[id(s)] = s.to_wire()
-                        payload.append(wire)
+                        src, off = source[id(s)]
+                        if payload and payload[-1][1] == off and payload[-1][0] == src:
+                            payload[-1][2].append(wire)
+                        else:
+                            payload.append([src, off, [wire]])
                     part = partition_for(key.encode(), n_parts)
                     keyed = parts.get(part)
                     if keyed is None:
                         keyed = parts[part] = {}
                     keyed[key] = payload
                 for part, keyed in parts.items():
-                    for value in pack_keyed(b'{"keys":', keyed.items()):
+                    for value in pack_keyed(b'{"keyed":', keyed.items()):
                         await w.topic.send(key=None, value=value, partition=part)
             metrics.BATCH_SECONDS.labels(stage="ingest").observe(time.perf_counter() - t0)
 
@@ -378,9 +400,13 @@ class KeyedStage:
         self.ctx: dict[int, Any] = {}  # partition -> an event of it: routes table writes
         self.pending: list[tuple[int, bytes, list]] = []  # states waiting for their records' delivery
         self.delivering: dict[bytes, None] = {}
+        # key -> {input "topic/partition": highest offset applied}: stored with the state, so input
+        # re-delivered after a crash or rebalance (at-least-once) is not applied to a key twice
+        self.hw: dict[bytes, dict[str, int]] = {}
 
     def reset(self) -> None:
         self.cache.clear()
+        self.hw.clear()
         self.dirty.clear()
         self.ctx.clear()
         self.heaps.clear()
@@ -402,8 +428,17 @@ class KeyedStage:
             raw = self.table.get(key)
             if raw is None:
                 return None
+            hw, raw = split_stored(raw)
+            if hw:
+                self.hw[key] = hw
             st = self.cache[key] = self.stage.load(raw)
         return st
+
+    def encode(self, key: bytes, st: Any) -> bytes:
+        """The stored value: ``H{source: offset}\n`` (when the key has input offsets) + the state."""
+        hw = self.hw.get(key)
+        raw = self.stage.dump(st)
+        return b"H" + orjson.dumps(hw) + b"\n" + raw if hw else raw
 
     async def put_state(self, part: int, key: bytes, st: Any, outs: list = ()) -> None:  # type: ignore[assignment]
         """Keep ``st`` as ``key``'s state and send ``outs``; the state is written behind, unless
@@ -437,18 +472,19 @@ class KeyedStage:
             self.delivering.pop(key, None)
             st = self.cache.get(key)
             if st is not None:
-                self.table[key] = self.stage.dump(st)
+                self.table[key] = self.encode(key, st)
                 metrics.STATE_WRITES.labels(stage=self.stage.name).inc()
 
     def drop_state(self, part: int, key: bytes) -> None:
         self.cache.pop(key, None)
+        self.hw.pop(key, None)
         self.dirty.get(part, {}).pop(key, None)
         if key in self.table:
             del self.table[key]
 
     def flush(self) -> None:
         """Write every changed state to the table (and so to its changelog)."""
-        dump, table, n = self.stage.dump, self.table, 0
+        encode, table, n = self.encode, self.table, 0
         for part, keys in self.dirty.items():
             ev = self.ctx.get(part)
             if ev is None or not keys:
@@ -458,7 +494,7 @@ class KeyedStage:
                 for key in keys:
                     st = self.cache.get(key)
                     if st is not None and key not in self.delivering:
-                        table[key] = dump(st)
+                        table[key] = encode(key, st)
                         n += 1
             finally:
                 _current_event.reset(token)
@@ -467,6 +503,7 @@ class KeyedStage:
             metrics.STATE_WRITES.labels(stage=self.stage.name).inc(n)
         if len(self.cache) > self.CACHE_MAX:
             self.cache.clear()  # all clean now: reloaded from the table on the next use
+            self.hw.clear()
 
     def scan(self) -> None:
         """After a (re)assignment: learn every stored key, its last event time and its timer."""
@@ -476,7 +513,7 @@ class KeyedStage:
         for key, value in self.table.items():
             p = partition_for(key, self.n_parts)
             try:
-                st = stage.load(value)
+                st = stage.load(split_stored(value)[1])
                 last = stage.last_seen(st)
                 d = stage.next_deadline(st)
             except Exception:  # an unreadable value is evicted at the next sweep
@@ -525,6 +562,7 @@ class KeyedStage:
     async def process_partition(self, part: int, evs: list) -> None:
         stage, table = self.stage, self.table
         groups: dict[bytes, list[Span]] = {}
+        dups = 0
         hi = self.max_event.get(part, 0)
         ticked = False
         step_key = getattr(stage, "step_key", None)
@@ -542,6 +580,31 @@ class KeyedStage:
                 else:  # one key per message (written by an older worker)
                     groups.setdefault(ev.key, []).extend(msg["aggs"])
                 continue
+            if isinstance(msg, dict) and "keyed" in msg:
+                # {key: [[input source, input offset, [wire span, …]], …]}: skip what a key has
+                # already applied from that source (re-delivered input)
+                for k, entries in msg["keyed"].items():
+                    bk = k.encode()
+                    self.get_state(bk)  # loads the key's input offsets with its state
+                    khw = self.hw.get(bk)
+                    if khw is None:
+                        khw = self.hw[bk] = {}
+                    got = groups.get(bk)
+                    if got is None:
+                        got = groups[bk] = []
+                    for src, off, wires in entries:
+                        if off <= khw.get(src, -1):
+                            dups += len(wires)
+                            continue
+                        khw[src] = off
+                        for w in wires:
+                            s_ = from_wire(w)
+                            if s_.end_ns > hi:
+                                hi = s_.end_ns
+                            got.append(s_)
+                    if not got:
+                        del groups[bk]
+                continue
             # {key: [wire span, …]} per partition; a bare array is one key's (an older worker's)
             for k, wires in (msg["keys"].items() if isinstance(msg, dict) else ((ev.key, msg),)):
                 spans = [from_wire(w) for w in wires]
@@ -556,6 +619,8 @@ class KeyedStage:
                     got.extend(spans)
         if groups:
             metrics.STAGE_SPANS.labels(stage=stage.name).inc(sum(len(v) for v in groups.values()))
+        if dups:
+            metrics.DUPLICATE_SPANS.labels(stage=stage.name).inc(dups)
         now = time.time_ns()
         if hi > self.max_event.get(part, 0):
             self.wall_at[part] = now

@@ -96,9 +96,15 @@ STAGE_SPANS = Counter(
     "Spans (session, trace, workflow stages) or forwarded aggregates (scope stage) processed, by stage.",
     ["stage"], registry=REGISTRY,
 )
+DUPLICATE_SPANS = Counter(
+    "breakwater_duplicate_spans",
+    "Spans skipped because their input message (topic, partition, offset) was already applied to "
+    "their key: input re-delivered after a crash or rebalance (at-least-once), by stage.",
+    ["stage"], registry=REGISTRY,
+)
 STATE_WRITES = Counter(
     "breakwater_state_writes",
-    "Per-key state writes (table + changelog record), by stage: at most one per key per batch.",
+    "Per-key state writes (table + changelog record), by stage: written behind, once per key per commit.",
     ["stage"], registry=REGISTRY,
 )
 BATCH_SECONDS = Histogram(
@@ -136,6 +142,7 @@ def _init_series() -> None:
     for stage in ("session", "trace", "workflow", "scope"):
         STAGE_SPANS.labels(stage=stage)
         STATE_WRITES.labels(stage=stage)
+        DUPLICATE_SPANS.labels(stage=stage)
 
 
 _init_series()

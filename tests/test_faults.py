@@ -188,8 +188,6 @@ def loop_sessions_from(incs: list[dict]) -> set[str]:
     return {d["session_id"] for d in incs if d["detector"] == "no_progress_loop"}
 
 
-@pytest.mark.xfail(strict=False, reason="known issue: a batch re-delivered after a rebalance can be applied "
-                   "twice (detector state has no span-id dedupe yet), so a benign session can trip")
 def test_worker_leaving_a_two_worker_group_gives_the_same_incidents_as_replay(isolated, tmp_path):
     """Two workers share the group; loops are two calls in when one worker stops (graceful leave,
     rebalance, its partitions' state restored by the other): the incidents equal replay's."""
