@@ -18,22 +18,9 @@ from streams.app import KeyedStage, split_stored
 from streams.models import Span
 from streams.policy import Policy
 from streams.stages import build_stages
+from tests.stagedrive import Event
 
 T0 = 1_767_225_600 * 10**9
-
-
-class _Msg:
-    __slots__ = ("partition", "__weakref__")
-
-    def __init__(self, partition: int) -> None:
-        self.partition = partition
-
-
-class _Event:
-    __slots__ = ("message", "key", "value", "__weakref__")
-
-    def __init__(self, value: bytes) -> None:
-        self.message, self.key, self.value = _Msg(0), None, value
 
 
 def _call(i: int, offset: int) -> list:
@@ -43,8 +30,8 @@ def _call(i: int, offset: int) -> list:
     return Span("a" * 32, f"{offset:08x}{i:08x}", None, "search", "INTERNAL", t, t + 10**8, "OK", "", attrs, {"service.name": "svc"}).to_wire()
 
 
-def _message(offset: int, calls: list[int]) -> _Event:
-    return _Event(orjson.dumps({"keyed": {"s1": [["agent.spans/0", offset, [_call(i, offset) for i in calls]]]}}))
+def _message(offset: int, calls: list[int]) -> Event:
+    return Event(0, orjson.dumps({"keyed": {"s1": [["agent.spans/0", offset, [_call(i, offset) for i in calls]]]}}))
 
 
 def _stage() -> tuple[KeyedStage, dict, list]:
