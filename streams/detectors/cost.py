@@ -402,22 +402,12 @@ class SessionCostVelocity:
         return min(cands) if cands else None
 
     def step(self, state: SessionCostState, agg: dict[str, Any], now_ns: int) -> tuple[SessionCostState, list[Finding]]:
-        if state.key is None:
-            state.key = agg["key"]
-        buckets = agg.get("buckets") or {}
+        dropped, merged, buckets = self._slide.absorb_keyed(state, agg)
         if buckets:
-            dropped, merged = self._slide.absorb(state, buckets)
             for b in (*dropped, *merged):  # already past evaluation: count them in the total now
                 state.total_nusd += b.get("nusd", 0)
                 state.unpriced += b.get("unpriced", 0)
-            state.late += len(dropped)
-            hi = (max(int(t) for t in buckets) + 1) * S
-            if hi > state.last_seen_ns:
-                state.last_seen_ns = hi
             for b in buckets.values():
-                t = b.get("tenant")
-                if t is not None and (state.tenant is None or t < state.tenant):
-                    state.tenant = t
                 f = b.get("first")
                 if f is not None and (state.first_ns is None or f < state.first_ns):
                     state.first_ns = f

@@ -531,19 +531,7 @@ class _StormCore:
     # -- the core
     def step(self, state: StormState, agg: dict[str, Any], now_ns: int) -> tuple[StormState, list[Finding]]:
         """Merge one keyed aggregate, then :meth:`advance` to ``now_ns`` (the watermark)."""
-        if state.key is None:
-            state.key = agg["key"]
-        buckets = agg.get("buckets") or {}
-        if buckets:
-            dropped, _ = self._slide.absorb(state, buckets)
-            state.late += len(dropped)
-            hi = (max(int(t) for t in buckets) + 1) * S
-            if hi > state.last_seen_ns:
-                state.last_seen_ns = hi
-            for b in buckets.values():
-                t = b.get("tenant")
-                if t is not None and (state.tenant is None or t < state.tenant):
-                    state.tenant = t
+        self._slide.absorb_keyed(state, agg)
         return self.advance(state, now_ns)
 
     def advance(self, state: StormState, watermark_ns: int) -> tuple[StormState, list[Finding]]:

@@ -283,6 +283,26 @@ class Sliding:
             if v:
                 st.win[name] = merge_sample(st.win.get(name) or [], v, k, largest)
 
+    def absorb_keyed(self, st: Any, agg: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        """One keyed aggregate into a per-key state (``key``, ``late``, ``last_seen_ns``, ``tenant``):
+        :meth:`absorb` its buckets, count those too late, move ``last_seen_ns`` to the end of the
+        newest bucket, keep the smallest tenant named. Returns ``(dropped, merged, buckets)``."""
+        if st.key is None:
+            st.key = agg["key"]
+        buckets = agg.get("buckets") or {}
+        if not buckets:
+            return [], [], buckets
+        dropped, merged = self.absorb(st, buckets)
+        st.late += len(dropped)
+        hi = (max(int(t) for t in buckets) + 1) * S
+        if hi > st.last_seen_ns:
+            st.last_seen_ns = hi
+        for b in buckets.values():
+            t = b.get("tenant")
+            if t is not None and (st.tenant is None or t < st.tenant):
+                st.tenant = t
+        return dropped, merged, buckets
+
     def absorb(self, st: Any, buckets: dict[str, dict[str, Any]]) -> tuple[list[Any], list[Any]]:
         """Merge keyed-aggregate buckets (keyed by second) into the state.
 
