@@ -105,8 +105,8 @@ def test_million_sessions_stay_within_cap():
 def test_live_worker_caps_distinct_sessions(isolated):
     """100,000 distinct sessions through a real worker with a cap of 2,000 keys per partition.
 
-    Past the cap the worker's RSS must stop growing: the second 50,000 sessions may not add more
-    than 10 % to what the first 50,000 left (measured: ≈ 585 MiB at 50k and at 115k sessions, 4
+    Past the cap the worker's RSS must stop growing: the second 50,000 sessions may add at most
+    64 MiB to what the first 50,000 left (uncapped they would add ≈ 160 MB) (measured: ≈ 585 MiB at 50k and at 115k sessions, 4
     stages × 4 partitions, most of it faust, RocksDB and the interpreter; without the cap it grows
     by ≈ 3 KB per session)."""
     from streams.bench import scrape
@@ -160,5 +160,8 @@ def test_live_worker_caps_distinct_sessions(isolated):
     assert m['breakwater_state_evictions_total{scope="trace"}'] >= n - bound
     rss = rss_now()
     assert rss_half, "never saw the half-way point"
-    assert rss <= rss_half * 1.10, f"worker RSS still growing past the cap: {rss_half >> 20} → {rss >> 20} MiB"
+    # uncapped, the second 50,000 sessions would add ≈ 50,000 × 3.2 KB ≈ 160 MB of state; capped,
+    # they add only allocator noise (measured 0–22 MiB between runs)
+    grown = rss - rss_half
+    assert grown <= 64 * 2**20, f"worker RSS still growing past the cap: {rss_half >> 20} → {rss >> 20} MiB"
     assert rss < 1024 * 2**20, f"worker RSS {rss >> 20} MiB"
