@@ -37,6 +37,48 @@ class SpanEvent:
 
 
 @dataclass(slots=True)
+class Features:
+    """Everything a detector reads from one span, in one compact record, made once at ingest.
+
+    :mod:`streams.ingest.dialects` fills it from whichever producer dialect the span speaks (OTel
+    GenAI conventions, OpenInference, OpenLLMetry, pydantic-ai, LiteLLM, LangSmith); detectors never
+    read raw attributes for these. ``resend`` / ``attempt`` are retry ordinals, -1 when absent
+    (0: an explicit first attempt). ``cost`` is the cost the producer reported (None: not reported).
+
+    >>> f = Features("s1", "acme", "t1", "execute_tool", "search", "h1", None, None, None,
+    ...              0, 0, 0, None, -1, -1, False, False, False, None, None, None)
+    >>> f.fingerprint
+    ('search', 'h1')
+    """
+
+    session: str
+    tenant: str | None
+    workflow: str
+    op: str | None
+    tool: str | None
+    arg_hash: str | None
+    provider: str | None
+    request_model: str | None
+    response_model: str | None
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cost: float | None
+    resend: int
+    attempt: int
+    error: bool
+    mutation: bool
+    verified: bool
+    outcome: str | None
+    approval: str | None
+    state_hash: str | None
+
+    @property
+    def fingerprint(self) -> tuple[str | None, str | None]:
+        return (self.tool, self.arg_hash)
+
+
+@dataclass(slots=True)
 class Span:
     """A normalized span (SPEC §3).
 
@@ -64,6 +106,8 @@ class Span:
     attributes: dict[str, Any]
     resource: dict[str, Any]
     events: list[SpanEvent] = field(default_factory=list)
+    # what the detectors read, made once from the attributes (:func:`streams.semconv.features`)
+    feat: Features | None = field(default=None, compare=False, repr=False)
 
     def attr(self, key: str, default: Any = None) -> Any:
         """Span attribute, else resource attribute, else ``default`` (span wins, SPEC §3)."""

@@ -163,6 +163,8 @@ class PolicyFile(_Strict):
     detectors: DetectorPolicies = DetectorPolicies()
     tenants: dict[str, TenantPolicy] = {}
     prices: dict[str, Price] = {}
+    default_prices: bool = Field(
+        True, description="price models the table lacks from the bundled genai-prices data")
 
 
 def _fmt_errors(exc: ValidationError) -> str:
@@ -245,7 +247,7 @@ class Policy:
 
     def price_table(self) -> PriceTable:
         if self._prices is None:
-            self._prices = PriceTable(self.spec.prices)
+            self._prices = PriceTable(self.spec.prices, defaults=self.spec.default_prices)
         return self._prices
 
     def max_ttl_s(self, detector: str, field_name: str) -> float:

@@ -1,10 +1,13 @@
-"""Pricing spans that do not report their cost (SPEC §3 "cost", §4.3).
+"""Pricing spans that do not report their cost (README "Cost and prices").
 
-A span's cost is, first present wins: ``gen_ai.usage.cost`` / ``usage.cost.total`` as reported;
-else its tokens × the price table **of the policy file** (there is deliberately no built-in table:
-prices change, and a wrong default would be guessing). A span that should cost money but cannot be
-priced (a model call without tokens, or a model missing from the table) is *unpriced*:
-:func:`span_cost` returns ``None`` and the detectors count it, never guess.
+A span's cost is, first present wins: the cost the producer reported, in any dialect
+(``gen_ai.usage.cost``, ``gen_ai.usage.cost.amount``, ``llm.cost.total``, … — see
+:mod:`streams.ingest.dialects`); else its tokens × the price table of the policy file; else its
+tokens × the default prices bundled with the ``genai-prices`` package (Pydantic's maintained price
+data, read offline; the policy's ``default_prices = false`` turns them off). A span that should cost
+money but cannot be priced (a model call without tokens, or a model no table knows) is
+*unpriced*: :func:`span_cost` returns ``None`` and the detectors count it, never guess. Tiered
+prices (a higher rate above some prompt length) are taken at their base tier: a lower bound.
 
 Prices are USD per million tokens: ``input``, ``output`` and ``cached`` (cached input; when absent,
 cached tokens are billed at the input price). Following the OTel GenAI conventions, cached tokens
@@ -54,8 +57,6 @@ _SUFFIXES = (
 )
 _BOUNDARY = frozenset("-.:@_")
 _INF = float("inf")
-_COST_KEYS = ("gen_ai.usage.cost", "usage.cost.total")
-_TOKEN_KEYS = ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +145,8 @@ class PriceTable:
     0
     """
 
-    def __init__(self, prices: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, prices: Mapping[str, Any] | None = None, *, defaults: bool = False) -> None:
+        self.defaults = defaults
         self._exact: dict[str, ModelPrice] = {}
         for k, v in (prices or {}).items():
             key = str(k).strip().lower()
@@ -158,6 +160,9 @@ class PriceTable:
     def __len__(self) -> int:
         return len(self._exact)
 
+    def __bool__(self) -> bool:
+        return bool(self._exact) or self.defaults
+
     def lookup(self, model: str, provider: str | None = None) -> ModelPrice | None:
         """The price of ``model`` (served by ``provider``), or None when the table has none."""
         ck = (provider, model)
@@ -166,6 +171,8 @@ class PriceTable:
         except KeyError:
             pass
         found = self._find(model, provider)
+        if found is None and self.defaults:
+            found = default_price(model, provider)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[ck] = found
@@ -207,6 +214,72 @@ class PriceTable:
 
 EMPTY = PriceTable()
 
+_PROVIDER_IDS = {  # gen_ai.provider.name / gen_ai.system values → genai-prices provider ids
+    "openai": "openai", "azure.ai.openai": "azure", "azure": "azure", "anthropic": "anthropic",
+    "gcp.gemini": "google", "gcp.vertex_ai": "google", "gemini": "google", "google": "google",
+    "vertex_ai": "google", "aws.bedrock": "aws", "bedrock": "aws", "mistral_ai": "mistral",
+    "mistralai": "mistral", "mistral": "mistral", "groq": "groq", "deepseek": "deepseek",
+    "x_ai": "x-ai", "xai": "x-ai", "cohere": "cohere", "perplexity": "perplexity",
+}
+_DEFAULTS: dict[tuple[str | None, str], ModelPrice | None] = {}
+
+
+def _mtok(v: Any) -> float | None:
+    if v is None:
+        return None
+    base = getattr(v, "base", v)  # TieredPrices: the base tier (a lower bound)
+    try:
+        f = float(base)
+    except (TypeError, ValueError):
+        return None
+    return f if 0 <= f < _INF else None
+
+
+def default_price(model: str, provider: str | None = None) -> ModelPrice | None:
+    """The bundled ``genai-prices`` price of ``model`` (USD per million tokens), or None.
+
+    Looked up once per (provider, model) and cached; never touches the network.
+
+    >>> default_price("gpt-4o-2024-08-06").input, default_price("gpt-4o", "openai").output
+    (2.5, 10.0)
+    >>> default_price("no-such-model-xyz") is None
+    True
+    """
+    key = (provider, model)
+    if key in _DEFAULTS:
+        return _DEFAULTS[key]
+    found = None
+    try:
+        from genai_prices import Usage, calc_price
+    except ImportError:  # pragma: no cover - a dependency; absent only in stripped installs
+        calc_price = None
+    if calc_price is not None and model:
+        pid = _PROVIDER_IDS.get((provider or "").strip().lower())
+        names = [model.strip()]
+        base = _strip_path(model.strip().lower())
+        if base and base != names[0].lower():
+            names.append(base)
+        for name in names:
+            try:
+                calc = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=name, provider_id=pid)
+            except Exception:  # LookupError and anything else: not priced by default
+                if pid is None:
+                    continue
+                try:
+                    calc = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=name)
+                except Exception:
+                    continue
+            mp = calc.model_price
+            i, o = _mtok(mp.input_mtok), _mtok(mp.output_mtok)
+            if i is None or o is None:
+                continue
+            found = ModelPrice(i, o, _mtok(getattr(mp, "cache_read_mtok", None)))
+            break
+    if len(_DEFAULTS) >= _CACHE_MAX:
+        _DEFAULTS.clear()
+    _DEFAULTS[key] = found
+    return found
+
 
 def span_cost(span: Span, table: PriceTable | None = None, *, model_call: bool | None = None) -> float | None:
     """USD of one span, or None when it cannot be priced.
@@ -228,20 +301,20 @@ def span_cost(span: Span, table: PriceTable | None = None, *, model_call: bool |
     >>> span_cost(mk({"gen_ai.tool.name": "ls"}), t)
     0.0
     """
-    a = span.attributes
-    if _COST_KEYS[0] in a or _COST_KEYS[1] in a:
-        reported = semconv.reported_cost_of(span)
-        if reported is not None and 0 <= reported < _INF:  # a negative or NaN cost is no report
-            return reported
-    i = o = 0
-    if _TOKEN_KEYS[0] in a or _TOKEN_KEYS[1] in a:
-        i, o = semconv.tokens_of(span)
+    f = span.feat
+    if f is None:
+        f = semconv.features(span)
+    if f.cost is not None:  # reported, in any dialect (finite and >= 0: ingest checked)
+        return f.cost
+    i, o = f.input_tokens, f.output_tokens
     if i > 0 or o > 0:
-        model = semconv.model_of(span)
+        model = f.response_model or f.request_model
         if model is None or table is None:
             return None
-        return table.cost(model, i, o, cached_tokens=semconv.cached_tokens_of(span),
-                          provider=semconv.provider_of(span))
+        c = table.cost(model, i, o, cached_tokens=f.cached_tokens, provider=f.provider)
+        if c is None and f.request_model and f.request_model != model:
+            c = table.cost(f.request_model, i, o, cached_tokens=f.cached_tokens, provider=f.provider)
+        return c
     if semconv.is_model_call(span) if model_call is None else model_call:
         return None
     return 0.0

@@ -3,7 +3,7 @@
 Every function takes a normalized :class:`~streams.models.Span` and applies "first present wins",
 span attributes before resource attributes.
 
->>> from streams.models import Span
+>>> from streams.models import Features, Span
 >>> s = Span("ab" * 16, "cd" * 8, None, "execute_tool search", "INTERNAL", 0, 10, "OK", "",
 ...          {"gen_ai.tool.name": "search", "tool.payload_hash": "h1", "session.id": "s1"},
 ...          {"service.name": "svc"})
@@ -20,9 +20,6 @@ import orjson
 
 from streams.models import Span
 
-SESSION_KEYS = ("gen_ai.conversation.id", "session.id")
-TENANT_KEYS = ("tenant.id", "tenant.hash")
-WORKFLOW_KEYS = ("workflow.id", "workflow.run_id")
 MUTATION_CLASSES = frozenset({"mutation", "non_idempotent_mutation", "high_risk_mutation"})
 
 # Attributes that carry raw content. Ingest drops them (after hashing tool arguments), so they never
@@ -44,6 +41,12 @@ SENSITIVE_KEYS = frozenset(
         "traceloop.entity.input",
         "traceloop.entity.output",
         "llm.prompt_template.variables",
+        # pydantic-ai / Logfire
+        "tool_arguments",
+        "tool_response",
+        "final_result",
+        "all_messages_events",
+        "pydantic_ai.all_messages",
     }
 )
 SENSITIVE_PREFIXES = (
@@ -91,92 +94,73 @@ def canonical_hash(value: Any) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-# These run several times per span on the hot path: lookups are spelled out, and a ``str`` value
-# (the usual case) is returned without calling ``str``.
+# Every accessor below reads the span's :class:`~streams.models.Features` record, made once per
+# span from whichever dialect it speaks (:mod:`streams.ingest.dialects`); none reads raw attributes.
 
 
-def _first(span: Span, keys: tuple[str, ...]) -> Any:
-    a = span.attributes
-    for k in keys:
-        v = a.get(k)
-        if v is not None and v != "":
-            return v
-    r = span.resource
-    if r:
-        for k in keys:
-            v = r.get(k)
-            if v is not None and v != "":
-                return v
-    return None
+def features(span: Span) -> Features:
+    """The span's features record, made on first use and kept on the span.
+
+    >>> from streams.models import Span
+    >>> s = Span("t", "s", None, "x", "CLIENT", 0, 1, "OK", "", {"llm.token_count.prompt": 7}, {})
+    >>> features(s).input_tokens, features(s) is s.feat
+    (7, True)
+    """
+    f = span.feat
+    if f is None:
+        f = span.feat = _extract(span.attributes, span.resource, span.status, span.name, span.trace_id,
+                                 span.events)
+    return f
 
 
 def session_of(span: Span) -> str:
-    v = _first(span, SESSION_KEYS)
-    if v is None:
-        return span.trace_id
-    return v if type(v) is str else str(v)
+    f = span.feat
+    return (f if f is not None else features(span)).session
 
 
 def tenant_of(span: Span) -> str | None:
-    v = _first(span, TENANT_KEYS)
-    if v is None:
-        v = span.attributes.get("service.name")
-        if v is None:
-            v = span.resource.get("service.name")
-            if v is None:
-                return None
-    return v if type(v) is str else str(v)
+    f = span.feat
+    return (f if f is not None else features(span)).tenant
 
 
 def workflow_of(span: Span) -> str:
-    v = _first(span, WORKFLOW_KEYS)
-    if v is None:
-        return span.trace_id
-    return v if type(v) is str else str(v)
-
-
-_OP = "gen_ai.operation.name"
-_TOOL = "gen_ai.tool.name"
+    f = span.feat
+    return (f if f is not None else features(span)).workflow
 
 
 def operation_of(span: Span) -> str | None:
-    v = span.attributes.get(_OP)
-    if v is None:
-        v = span.resource.get(_OP)
-        if v is None:
-            return None
-    return v if type(v) is str else str(v)
+    f = span.feat
+    return (f if f is not None else features(span)).op
 
 
 def tool_name_of(span: Span) -> str | None:
-    v = span.attributes.get(_TOOL)
-    if v is None:
-        return None
-    return v if type(v) is str else str(v)
+    return features(span).tool
 
 
 def is_tool_call(span: Span) -> bool:
-    return span.attributes.get(_TOOL) is not None or operation_of(span) == "execute_tool"
+    f = span.feat
+    if f is None:
+        f = features(span)
+    return f.tool is not None or f.op == "execute_tool"
 
 
 def fingerprint_of(span: Span) -> tuple[str, str | None]:
     """(tool name, argument hash or None). Ingest has already hashed raw arguments."""
-    name = tool_name_of(span) or span.name
-    h = span.attributes.get("tool.payload_hash")
-    return (name, str(h) if h is not None else None)
+    f = features(span)
+    return (f.tool or span.name, f.arg_hash)
 
 
 def state_hash_of(span: Span) -> str | None:
-    v = span.attributes.get("agent.state_hash")
-    return str(v) if v is not None else None
+    return features(span).state_hash
 
 
 def is_error(span: Span) -> bool:
-    return span.status == "ERROR" or span.attributes.get("error.type") is not None
+    f = span.feat
+    return (f if f is not None else features(span)).error
 
 
 def is_mutation(span: Span) -> bool:
-    return span.attributes.get("tool.action_class") in MUTATION_CLASSES
+    return features(span).mutation
 
 
 def _num(v: Any) -> float | None:
@@ -198,37 +182,31 @@ def _num(v: Any) -> float | None:
 
 
 def tokens_of(span: Span) -> tuple[int, int]:
-    i = _num(span.attributes.get("gen_ai.usage.input_tokens")) or 0.0
-    o = _num(span.attributes.get("gen_ai.usage.output_tokens")) or 0.0
-    return int(i), int(o)
+    f = features(span)
+    return f.input_tokens, f.output_tokens
 
 
 def reported_cost_of(span: Span) -> float | None:
-    """Cost in USD as reported on the span, or None (pricing by tokens is the policy's job)."""
-    for k in ("gen_ai.usage.cost", "usage.cost.total"):
-        v = _num(span.attributes.get(k))
-        if v is not None:
-            return v
-    return None
+    """Cost in USD as reported on the span (any dialect), or None (pricing by tokens is the policy's job)."""
+    return features(span).cost
 
 
 def is_retry(span: Span) -> bool:
-    for k in ("http.request.resend_count", "retry.attempt"):
-        v = _num(span.attributes.get(k))
-        if v is not None and v > 0:
-            return True
-    return False
+    f = features(span)
+    return f.resend > 0 or f.attempt > 0
+
+
+def _route(f: Features) -> str | None:
+    if f.tool is not None:
+        return f"tool:{f.tool}"
+    model = f.request_model or f.response_model
+    if f.provider is None and model is None:
+        return None
+    return f"{f.provider or '-'}/{model or '-'}"
 
 
 def route_of(span: Span) -> str | None:
-    tool = tool_name_of(span)
-    if tool is not None:
-        return f"tool:{tool}"
-    prov = span.attr("gen_ai.provider.name")
-    model = span.attributes.get("gen_ai.request.model")
-    if prov is None and model is None:
-        return None
-    return f"{prov or '-'}/{model or '-'}"
+    return _route(features(span))
 
 
 # ----------------------------------------------------------------------------- retries and cost
@@ -236,39 +214,37 @@ def route_of(span: Span) -> str | None:
 
 AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent"})
 MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
-CACHED_INPUT_KEYS = (
-    "gen_ai.usage.cache_read.input_tokens",
-    "gen_ai.usage.cache_read_input_tokens",
-    "gen_ai.usage.input_tokens.cached",
-)
 
 
 def retry_count_of(span: Span) -> int:
-    """Retries one span stands for: ``http.request.resend_count`` (an HTTP client resent the
-    request that many times), else 1 when ``retry.attempt`` > 0 (each attempt is its own span).
+    """Retries one span stands for by its own attributes: 1 when its retry ordinal
+    (``http.request.resend_count`` or ``retry.attempt``) is > 0, whatever the ordinal — an ordinal
+    numbers one request's resends, so summing ordinals would count 1 + 2 + 3 for three retries.
+    (A chain whose earlier attempts were not exported counts its highest ordinal: the session's
+    retry tracker adds the missing ones, see :class:`streams.detectors.retry.ImplicitRetryTracker`.)
 
     >>> from streams.models import Span
     >>> mk = lambda a: Span("t", "s", None, "x", "CLIENT", 0, 1, "OK", "", a, {})
     >>> retry_count_of(mk({"http.request.resend_count": 2})), retry_count_of(mk({"retry.attempt": 3}))
-    (2, 1)
-    >>> retry_count_of(mk({}))
-    0
+    (1, 1)
+    >>> retry_count_of(mk({})), retry_count_of(mk({"http.request.resend_count": 0}))
+    (0, 0)
     """
-    v = _num(span.attributes.get("http.request.resend_count"))
-    if v is not None and v > 0:
-        return int(v)
-    v = _num(span.attributes.get("retry.attempt"))
-    if v is not None and v > 0:
-        return 1
-    return 0
+    f = span.feat
+    if f is None:
+        f = features(span)
+    return 1 if f.resend > 0 or f.attempt > 0 else 0
+
+
+def retry_ordinal_of(span: Span) -> int:
+    """The span's retry ordinal (the larger of resend count and attempt), -1 when it has none."""
+    f = features(span)
+    return f.resend if f.resend >= f.attempt else f.attempt
 
 
 def is_agent_span(span: Span) -> bool:
     """``invoke_agent`` / ``create_agent`` spans: they summarize their children, they are no call."""
-    v = span.attributes.get(_OP)
-    if v is None:
-        v = span.resource.get(_OP)
-    return v in AGENT_OPERATIONS if type(v) is str else operation_of(span) in AGENT_OPERATIONS
+    return features(span).op in AGENT_OPERATIONS
 
 
 def call_route_of(span: Span) -> str | None:
@@ -281,84 +257,57 @@ def call_route_of(span: Span) -> str | None:
     >>> call_route_of(mk({"gen_ai.operation.name": "invoke_agent", "gen_ai.request.model": "gpt-4o"})) is None
     True
     """
-    a = span.attributes
-    op = a.get(_OP)
-    if op is None:
-        op = span.resource.get(_OP)
-    if op is not None and (op if type(op) is str else str(op)) in AGENT_OPERATIONS:
+    f = span.feat
+    if f is None:
+        f = features(span)
+    if f.op in AGENT_OPERATIONS:
         return None
-    tool = a.get(_TOOL)
-    if tool is not None:
-        return f"tool:{tool if type(tool) is str else str(tool)}"
-    return _model_route(span)
-
-
-def _model_route(span: Span) -> str | None:
-    """:func:`route_of` of a span without a tool name."""
-    prov = span.attributes.get("gen_ai.provider.name")
-    if prov is None:
-        prov = span.resource.get("gen_ai.provider.name")
-    model = span.attributes.get("gen_ai.request.model")
-    if prov is None and model is None:
-        return None
-    return f"{prov or '-'}/{model or '-'}"
+    if f.tool is None and f.op == "execute_tool":
+        return f"tool:{span.name}"
+    return _route(f)
 
 
 def call_key_of(span: Span, sep: str) -> str | None:
     """What "the same call" means for implicit retries (see ``retry.call_key``): for a tool call
     ``tool:<name><sep><argument hash or ''>``, else the model route; None for agent spans."""
-    a = span.attributes
-    op = a.get(_OP)
-    if op is None:
-        op = span.resource.get(_OP)
-    if op is not None and type(op) is not str:
-        op = str(op)
+    f = span.feat
+    if f is None:
+        f = features(span)
+    op = f.op
     if op in AGENT_OPERATIONS:
         return None
-    tool = a.get(_TOOL)
-    if tool is not None or op == "execute_tool":
-        name = (tool if type(tool) is str else str(tool)) if tool is not None else None
-        h = a.get("tool.payload_hash")
-        if h is not None and type(h) is not str:
-            h = str(h)
-        return f"tool:{name or span.name}{sep}{h or ''}"
-    return _model_route(span)
+    if f.tool is not None or op == "execute_tool":
+        return f"tool:{f.tool or span.name}{sep}{f.arg_hash or ''}"
+    return _route(f)
 
 
 def provider_of(span: Span) -> str | None:
-    v = span.attr("gen_ai.provider.name")
-    return str(v) if v is not None else None
+    return features(span).provider
 
 
 def model_of(span: Span) -> str | None:
-    """The model that served the call: ``gen_ai.response.model``, else ``gen_ai.request.model``."""
-    for k in ("gen_ai.response.model", "gen_ai.request.model"):
-        v = span.attributes.get(k)
-        if v is not None and v != "":
-            return str(v)
-    return None
+    """The model that served the call: the response model, else the request model."""
+    f = features(span)
+    return f.response_model or f.request_model
 
 
 def is_model_call(span: Span, op: str | None | bool = False) -> bool:
     """A call to a model (something that should cost money): a model operation, or a model
     attribute on a span that is neither an agent span nor a tool call. ``op``: the operation,
     when the caller has it already."""
+    f = features(span)
     if op is False:
-        op = operation_of(span)
+        op = f.op
     if op in MODEL_OPERATIONS:
         return True
-    if op in AGENT_OPERATIONS or is_tool_call(span):
+    if op in AGENT_OPERATIONS or f.tool is not None or op == "execute_tool":
         return False
-    return model_of(span) is not None
+    return (f.response_model or f.request_model) is not None
 
 
 def cached_tokens_of(span: Span) -> int:
     """Input tokens served from a provider cache (OTel: included in ``input_tokens``)."""
-    for k in CACHED_INPUT_KEYS:
-        v = _num(span.attributes.get(k))
-        if v is not None:
-            return max(int(v), 0)
-    return 0
+    return features(span).cached_tokens
 
 
 # -- helpers for plan_deadlock and silent_success (SPEC §4.4–4.5)
@@ -370,14 +319,12 @@ def outcome_of(span: Span) -> str | None:
     >>> outcome_of(Span("t", "s", None, "a", "INTERNAL", 0, 1, "OK", "", {"agent.outcome": "Success"}, {}))
     'success'
     """
-    v = span.attributes.get("agent.outcome")
-    return str(v).lower() if v is not None and v != "" else None
+    return features(span).outcome
 
 
 def is_verified(span: Span) -> bool:
     """``tool.verification_status`` is ``verified`` (anything else, or absent, is not)."""
-    v = span.attributes.get("tool.verification_status")
-    return isinstance(v, str) and v.lower() == "verified"
+    return features(span).verified
 
 
 def approval_status_of(span: Span) -> str | None:
@@ -386,8 +333,7 @@ def approval_status_of(span: Span) -> str | None:
     >>> approval_status_of(Span("t", "s", None, "a", "INTERNAL", 0, 1, "OK", "", {"approval.status": "pending"}, {}))
     'PENDING'
     """
-    v = span.attributes.get("approval.status")
-    return str(v).upper() if v is not None and v != "" else None
+    return features(span).approval
 
 
 def int_of(v: Any, default: int = 0) -> int:
@@ -439,3 +385,11 @@ def id_list_of(v: Any) -> list[str]:
         if s:
             out[s] = None
     return list(out)
+
+
+# at the end: dialects import this module's neighbours (ingest → semconv for the privacy rule)
+from streams.ingest.dialects import FEATURES as _FEATURES  # noqa: E402
+from streams.ingest.dialects import extract as _extract  # noqa: E402
+
+SESSION_KEYS = tuple(k for _, k in _FEATURES["session"])
+"""Every dialect's session-id attribute, in precedence order."""

@@ -40,14 +40,13 @@ class Drive:
         self.findings: list[Finding] = []
 
     def feed(self, batch: list[Span]) -> None:
-        implicit: set[str] = set()
+        implicit: dict[str, tuple[int, int]] = {}
         for s in batch:
             sid = semconv.session_of(s)
             st = self.trk.get(sid) or self.tracker.new_state()
-            st, imp = self.tracker.step(st, s)
+            st, marks = self.tracker.mark(st, [s])
             self.trk[sid] = st
-            if imp:
-                implicit.add(s.span_id)
+            implicit.update(marks)
             self.max_ns = max(self.max_ns, s.end_ns)
         wm = self.max_ns - self.lateness_ns
         ra = retry.aggregate(batch, implicit)

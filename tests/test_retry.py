@@ -61,7 +61,8 @@ STORMS = [
      [("route", ROUTE, "open", "retry_storm:route"), ("route", ROUTE, "resolved", "retry_storm:route")]),
     ("session storm: 10 retries", [llm(100 + i * 3, resend=1) for i in range(10)],
      [("session", "s1", "open", "retry_storm:session"), ("session", "s1", "resolved", "retry_storm:session")]),
-    ("resend_count 2 counts twice", [llm(100 + i * 3, resend=2) for i in range(5)],
+    # ordinals are never summed: each span is a new request's 2nd resend, the 1st not exported
+    ("resend_count 2, first resend not exported, counts twice", [llm(100 + i * 3, resend=2) for i in range(5)],
      [("session", "s1", "open", "retry_storm:session"), ("session", "s1", "resolved", "retry_storm:session")]),
     ("retry.attempt on tool spans", [span(100 + i, tool="search", retry__attempt=1) for i in range(10)],
      [("session", "s1", "open", "retry_storm:session"), ("session", "s1", "resolved", "retry_storm:session")]),
@@ -216,7 +217,7 @@ def test_implicit_retries_are_counted_in_the_aggregate():
     spans = fail_chain(100, 3)
     tr = ImplicitRetryTracker()
     st, ids = tr.mark(tr.new_state(), spans)
-    assert ids == {spans[1].span_id, spans[2].span_id}
+    assert ids == {spans[1].span_id: (1, 1), spans[2].span_id: (1, 1)}
     agg = aggregate(spans, ids)
     tot = sum(b.get("implicit", 0) for b in agg["sessions"]["s1"]["buckets"].values())
     assert tot == 2

@@ -153,21 +153,21 @@ class NoProgressLoop:
 
         # 1. progress resets everything
         progress = False
-        a = span.attributes
-        sh = a.get("agent.state_hash")  # semconv.state_hash_of, inlined (hot path)
+        f = span.feat
+        if f is None:
+            f = semconv.features(span)
+        sh = f.state_hash
         if sh is not None:
-            if type(sh) is not str:
-                sh = str(sh)
             if state.state_hash is not None and sh != state.state_hash:
                 progress = True
             state.state_hash = sh
-        op = semconv.operation_of(span)
-        tool_call = a.get("gen_ai.tool.name") is not None or op == "execute_tool"  # semconv.is_tool_call
+        op = f.op
+        tool_call = f.tool is not None or op == "execute_tool"  # semconv.is_tool_call
         key = ""
         has_hash = True
         if tool_call:
             key, has_hash = _fp_key(span)
-            if semconv.is_mutation(span) and not semconv.is_error(span) and key not in state.mutations:
+            if f.mutation and not f.error and key not in state.mutations:
                 state.mutations.append(key)
                 if len(state.mutations) > _MAX_MUTATIONS:
                     del state.mutations[0]

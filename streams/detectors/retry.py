@@ -39,8 +39,12 @@ Rules (defaults of :class:`RetryParams`):
   half the threshold (or whose ratio is below half) — the hysteresis that keeps a storm hovering at
   the threshold from flapping.
 
-Retries: ``http.request.resend_count`` (counted as that many retries, the span as 1 + that many
-attempts), ``retry.attempt`` > 0 (1 retry; each attempt is its own span), or implicit (1).
+Retries: a span whose retry ordinal (``http.request.resend_count`` or ``retry.attempt``) is > 0 is
+one retry, whatever the ordinal — ordinals number the resends of one request, so they are never
+summed; when a chain's earlier attempts were not exported (a client that exports only the final
+failure), the chain counts its highest ordinal (:class:`ImplicitRetryTracker` adds the gap). A span
+without a retry attribute that repeats a failed call is an implicit retry (1); a span that says it
+is attempt 0 is the first attempt of a new request, never a retry; no span counts twice.
 A *call* is a span with a route (SPEC §3: provider/model, or the tool name) that is no agent span.
 Implicit retries are decided in a session's arrival order (a session's spans stay in one partition,
 in order, so live and replay agree); everything after that depends on event time only.
@@ -203,10 +207,12 @@ def call_key(span: Span) -> str | None:
 
 @dataclass(slots=True)
 class ImplicitRetryState:
-    """Per-session: the latest not-yet-retried failure per call key, ``[start_ns, end_ns]``."""
+    """Per-session: the latest not-yet-retried failure per call key, ``[start_ns, end_ns]``, and
+    the latest retry ordinal per call key, ``[ordinal, end_ns]`` (to count chains, not ordinals)."""
 
     last_seen_ns: int = 0
     failures: dict[str, list[int]] = field(default_factory=dict)
+    chains: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ImplicitRetryTracker:
@@ -238,44 +244,80 @@ class ImplicitRetryTracker:
         return ImplicitRetryState()
 
     def dump(self, state: ImplicitRetryState) -> dict[str, Any]:
-        return {"last_seen_ns": state.last_seen_ns, "failures": state.failures}
+        d: dict[str, Any] = {"last_seen_ns": state.last_seen_ns, "failures": state.failures}
+        if state.chains:
+            d["chains"] = state.chains
+        return d
 
     def load(self, data: dict[str, Any]) -> ImplicitRetryState:
         return ImplicitRetryState(int(data.get("last_seen_ns", 0)),
-                                  {k: [int(v[0]), int(v[1])] for k, v in data.get("failures", {}).items()})
+                                  {k: [int(v[0]), int(v[1])] for k, v in data.get("failures", {}).items()},
+                                  {k: [int(v[0]), int(v[1])] for k, v in data.get("chains", {}).items()})
 
     def expired(self, state: ImplicitRetryState, watermark_ns: int) -> bool:
         """Nothing pending can still be retried (no retry can start later than this)."""
         return state.last_seen_ns + self._window_ns < watermark_ns
 
     def step(self, state: ImplicitRetryState, span: Span, now_ns: int = 0) -> tuple[ImplicitRetryState, bool]:
+        return self._step(state, span)[:2]  # type: ignore[return-value]
+
+    def _step(self, state: ImplicitRetryState, span: Span) -> tuple[ImplicitRetryState, bool, int, int]:
+        """``(state, implicit, retries, attempts)``: what an explicit retry span stands for — its
+        ordinal minus the chain's previous ordinal (the attempts between were not exported), and
+        as attempts that plus the original request when it starts a chain; 0, 0 for a span that is
+        no explicit retry."""
         if span.end_ns > state.last_seen_ns:
             state.last_seen_ns = span.end_ns
         key = call_key(span)
         if key is None:
-            return state, False
+            return state, False, 0, 0
+        ordinal = semconv.retry_ordinal_of(span)
         implicit = False
         f = state.failures.get(key)
         if f is not None:
             if (span.start_ns >= f[0] and span.end_ns > f[1]
                     and span.start_ns - f[1] <= self._window_ns):
                 del state.failures[key]
-                implicit = semconv.retry_count_of(span) == 0
+                # an explicit ordinal (even 0: the first attempt of a new request) is never implicit
+                implicit = ordinal < 0
             elif span.start_ns - f[1] > self._window_ns:
                 del state.failures[key]
+        retries = attempts = 0
+        if ordinal >= 0:
+            c = state.chains.get(key)
+            prev = c[0] if c is not None and span.start_ns - c[1] <= self._window_ns else -1
+            if ordinal > 0:
+                if ordinal > prev >= 0:  # the chain goes on
+                    retries = attempts = ordinal - prev
+                else:  # a new chain (no earlier ordinal, or a lower one): its original request too
+                    retries, attempts = ordinal, ordinal + 1
+            state.chains[key] = [ordinal, span.end_ns]
+            if len(state.chains) > self.p.max_keys:
+                self._evict(state)
         if semconv.is_error(span):
             state.failures[key] = [span.start_ns, span.end_ns]
             if len(state.failures) > self.p.max_keys:
                 self._evict(state)
-        return state, implicit
+        return state, implicit, retries, attempts
 
-    def mark(self, state: ImplicitRetryState, spans: Iterable[Span]) -> tuple[ImplicitRetryState, set[str]]:
-        """:meth:`step` over one session's spans; returns the span ids that are implicit retries."""
-        ids: set[str] = set()
+    def mark(self, state: ImplicitRetryState,
+             spans: Iterable[Span]) -> tuple[ImplicitRetryState, dict[str, tuple[int, int]]]:
+        """:meth:`step` over one session's spans; returns ``{span_id: (retries, attempts)}`` for
+        implicit retries (1, 1) and explicit ones (the gap to the chain's previous ordinal).
+
+        >>> from tests.spans import span
+        >>> tr = ImplicitRetryTracker()
+        >>> spans = [span(1, tool="t", http__request__resend_count=1), span(2, tool="t", http__request__resend_count=3)]
+        >>> list(tr.mark(tr.new_state(), spans)[1].values())   # 1, 3: three retries, not four
+        [(1, 2), (2, 2)]
+        """
+        ids: dict[str, tuple[int, int]] = {}
         for s in spans:
-            state, imp = self.step(state, s)
+            state, imp, n, att = self._step(state, s)
             if imp:
-                ids.add(s.span_id)
+                ids[s.span_id] = (1, 1)
+            elif n:
+                ids[s.span_id] = (n, att)
         return state, ids
 
     def _evict(self, state: ImplicitRetryState) -> None:
@@ -285,18 +327,14 @@ class ImplicitRetryTracker:
         while len(state.failures) > self.p.max_keys:
             victim = min(state.failures, key=lambda k: (state.failures[k][1], k))
             del state.failures[victim]
+        for k in [k for k, v in state.chains.items() if v[1] < horizon]:
+            del state.chains[k]
+        while len(state.chains) > self.p.max_keys:
+            victim = min(state.chains, key=lambda k: (state.chains[k][1], k))
+            del state.chains[victim]
 
 
 # ----------------------------------------------------------------------------- pre-aggregation
-
-
-_RESEND = "http.request.resend_count"
-_ATTEMPT = "retry.attempt"
-
-
-def _resends(span: Span) -> int:
-    v = semconv._num(span.attributes.get(_RESEND))
-    return int(v) if v is not None and v > 0 else 0
 
 
 def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
@@ -318,18 +356,26 @@ def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, 
     >>> sorted(a["sessions"]["s1"]["buckets"]["3"])
     ['first', 'last', 'retries', 'routes', 'spans', 'tenant']
     """
-    if not isinstance(implicit, set | frozenset):
+    counts = implicit if isinstance(implicit, dict) else None
+    if counts is None and not isinstance(implicit, set | frozenset):
         implicit = set(implicit)
     racc: dict[str, dict[int, dict[str, Any]]] = {}
     sacc: dict[str, dict[int, dict[str, Any]]] = {}
     call_route_of = semconv.call_route_of
+    features = semconv.features
     for span in spans:
-        a = span.attributes
-        r = resends = imp = 0
-        if _RESEND in a or _ATTEMPT in a:
-            r = semconv.retry_count_of(span)
-            resends = _resends(span)
-        if not r and implicit and span.span_id in implicit:
+        f = span.feat
+        if f is None:
+            f = features(span)
+        r = imp = 0
+        att = 1
+        if f.resend > 0 or f.attempt > 0:  # explicit: without the tracker, 1 retry of 2 attempts
+            r, att = 1, 2
+            if counts is not None:
+                m = counts.get(span.span_id)
+                if m is not None:
+                    r, att = m
+        elif implicit and span.span_id in implicit:
             r = imp = 1
         route = call_route_of(span)
         if route is None and not r:
@@ -345,13 +391,13 @@ def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, 
             if rb is None:
                 rb = per[sec] = {"attempts": 0, "calls": 0}
             rb["calls"] += 1
-            rb["attempts"] += 1 + resends
-            if not (span.status == "ERROR" or a.get("error.type") is not None):  # semconv.is_error
+            rb["attempts"] += att  # a chain's unexported attempts count too
+            if not f.error:
                 rb["ok"] = rb.get("ok", 0) + 1
         if not r:
             continue
-        session = semconv.session_of(span)
-        tenant = semconv.tenant_of(span)
+        session = f.session
+        tenant = f.tenant
         entry = [t, span.span_id, span.trace_id]
         per = sacc.get(session)
         if per is None:

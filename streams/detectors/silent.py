@@ -159,27 +159,25 @@ def extract(span: Span) -> list[Any]:
     ([9, 's1', 0, None, 3, 'ls', None], False)
     """
     flags = 0
-    a = span.attributes
-    op = semconv.operation_of(span)
-    # semconv.is_tool_call, is_error, is_mutation, is_verified, inlined (once per span)
-    if op == "execute_tool" or a.get("gen_ai.tool.name") is not None:
+    f = semconv.features(span)
+    op = f.op
+    if op == "execute_tool" or f.tool is not None:
         flags |= _F_TOOL
-    if span.status == "ERROR" or a.get("error.type") is not None:
+    if f.error:
         flags |= _F_ERR
-    if a.get("tool.action_class") in semconv.MUTATION_CLASSES:
+    if f.mutation:
         flags |= _F_MUT
-    v = a.get("tool.verification_status")
-    if isinstance(v, str) and v.lower() == "verified":
+    if f.verified:
         flags |= _F_VER
-    approval = semconv.approval_status_of(span) if "approval.status" in a else None
+    approval = f.approval
     relevant = flags & (_F_TOOL | _F_MUT | _F_VER) or approval is not None
     root = None
     is_agent = op == "invoke_agent"
     if is_agent or not span.parent_span_id:
-        outcome = semconv.outcome_of(span)
+        outcome = f.outcome
         root = [[0 if is_agent else 1, span.start_ns, -span.end_ns, span.span_id], span.span_id,
                 span.start_ns, span.end_ns, not flags & _F_ERR and outcome in _CLAIMS, outcome,
-                semconv.session_of(span), semconv.tenant_of(span), semconv.workflow_of(span)]
+                f.session, f.tenant, f.workflow]
     return [span.end_ns, span.span_id, span.start_ns, span.parent_span_id or None, flags,
             _fp_key(span) if relevant else None, approval, root]
 

@@ -30,6 +30,7 @@ import orjson
 
 from streams.ingest.limits import DEFAULT_LIMITS, Limits  # noqa: F401  (doctests)
 from streams.models import Span, SpanEvent
+from streams.ingest.dialects import argument_hash
 from streams.semconv import canonical_hash, is_sensitive
 
 ARGS_KEY = "gen_ai.tool.call.arguments"
@@ -278,11 +279,13 @@ def scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
         elif len(safe) < _SAFE_MAX and len(k) <= 200:
             safe.add(k)
     if drop:
-        if hash_args and ARGS_KEY in a and HASH_KEY not in a:
-            try:
-                a[HASH_KEY] = canonical_hash(a[ARGS_KEY])
+        if hash_args and HASH_KEY not in a:
+            try:  # any dialect's tool arguments (streams.ingest.dialects.ARGUMENTS)
+                h = argument_hash(a, canonical_hash)
             except Exception:  # pathological value (e.g. recursion): never let it escape
                 raise Bad("bad_span", "tool arguments could not be hashed") from None
+            if h is not None:
+                a[HASH_KEY] = h
         for k in drop:
             del a[k]
     return a
