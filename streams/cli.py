@@ -1,11 +1,26 @@
-"""``breakwater`` command line (SPEC §7). Imports are lazy so ``replay`` starts fast."""
+"""``breakwater`` command line (SPEC §7). Imports are lazy so ``replay`` starts fast.
+
+Errors a person can act on (bad env values, an unreachable broker, bad flag values) are one line
+on stderr and exit code 2 (:mod:`streams.errors`); ``--debug`` shows their traceback. A closed
+stdout (``breakwater tail breaker --json | head -1``) ends the command quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import traceback
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
+
+from streams.errors import UserError
+
+#: Settings of the running command, so a Kafka error can name the broker it was talking to.
+_CURRENT: dict[str, Any] = {}
+_SECRET_FIELDS = ("sasl_password",)
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202
@@ -17,14 +32,23 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202
     if getattr(args, "broker", None):
         overrides["broker"] = args.broker
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
+        lines = []
         for e in exc.errors():
             loc = ".".join(str(x) for x in e["loc"])
-            msg = e["msg"].removeprefix("Value error, ")
-            where = f"BREAKWATER_{loc.upper()}: " if loc else ""  # cross-field errors name their env vars
-            print(f"breakwater: configuration error: {where}{msg}", file=sys.stderr)
-        raise SystemExit(2) from exc
+            msg = e["msg"].removeprefix("Value error, ").removeprefix(f"{loc}: ")
+            name = ("--broker" if loc == "broker" and overrides else f"BREAKWATER_{loc.upper()}") if loc else ""
+            where = f"{name}: " if name else ""  # cross-field errors name their env vars
+            value = e.get("input")
+            if loc and loc not in _SECRET_FIELDS and isinstance(value, str | int | float) \
+                    and repr(str(value)) not in msg:
+                msg += f" (got {str(value)!r})"
+            lines.append(f"configuration error: {where}{msg}")
+        raise UserError("\nbreakwater: ".join(lines)) from exc
+    _CURRENT["settings"] = settings
+    _CURRENT["source"] = "--broker" if overrides else None
+    return settings
 
 
 def _policy(path: str | None, settings=None):  # noqa: ANN001, ANN202
@@ -34,8 +58,26 @@ def _policy(path: str | None, settings=None):  # noqa: ANN001, ANN202
     try:
         return Policy.load(path)
     except PolicyError as exc:
-        print(f"breakwater: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        raise UserError(str(exc)) from exc
+
+
+def _check_broker(settings) -> None:  # noqa: ANN001
+    """Fail within seconds, with one line naming BREAKWATER_BROKER, when no Kafka answers there."""
+    from streams.errors import check_broker
+
+    check_broker(settings, source=_CURRENT.get("source"))
+
+
+def _run_kafka(coro: Coroutine[Any, Any, Any]) -> Any:
+    """``asyncio.run`` for a coroutine that talks to Kafka: client errors become one-line UserErrors."""
+    from aiokafka.errors import KafkaError
+
+    from streams.errors import kafka_failure
+
+    try:
+        return asyncio.run(coro)
+    except KafkaError as exc:
+        raise kafka_failure(exc, _CURRENT.get("settings"), _CURRENT.get("source")) from exc
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -68,6 +110,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     policy = _policy(args.policy, settings)
+    _check_broker(settings)
     run_worker(settings, policy)
     return 0
 
@@ -80,25 +123,31 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(args: argparse.Namespace) -> int:  # noqa: ARG001
+def cmd_config(args: argparse.Namespace) -> int:
     from streams.settings import config_reference
 
+    _settings(args)  # the environment must be valid: a bad value is an error naming its env var
     print(config_reference())
     return 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from streams.tail import tail
+    from streams.tail import detector_names, parse_since, tail
 
-    settings = _settings(args)
+    if args.detector is not None and args.detector not in detector_names():
+        raise UserError(f"tail: unknown detector {args.detector!r} for --detector; "
+                        f"valid: {', '.join(detector_names())}")
     since_ns = None
     if args.since:
-        from datetime import datetime
-
-        since_ns = int(datetime.fromisoformat(args.since.replace("Z", "+00:00")).timestamp() * 1e9)
+        try:
+            since_ns = parse_since(args.since)
+        except ValueError as exc:
+            raise UserError(f"tail: --since: {exc}") from exc
+    settings = _settings(args)
+    _check_broker(settings)
     try:
-        asyncio.run(tail(settings, args.what, follow=args.follow, as_json=args.json, detector=args.detector,
-                         tenant=args.tenant, severity=args.severity, since_ns=since_ns))
+        _run_kafka(tail(settings, args.what, follow=args.follow, as_json=args.json, detector=args.detector,
+                        tenant=args.tenant, severity=args.severity, since_ns=since_ns))
     except KeyboardInterrupt:
         pass
     return 0
@@ -115,7 +164,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 0
     settings = _settings(args)
-    asyncio.run(simulate.publish(settings, spans, rate=args.rate))
+    _check_broker(settings)
+    _run_kafka(simulate.publish(settings, spans, rate=args.rate))
     print(f"simulate: published {len(spans)} spans to {settings.topic_spans}", file=sys.stderr)
     return 0
 
@@ -135,7 +185,8 @@ def cmd_breaker_release(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"breakwater breaker release: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(publish_release(settings, cmd))
+    _check_broker(settings)
+    _run_kafka(publish_release(settings, cmd))
     print(cmd.model_dump_json())
     return 0
 
@@ -157,78 +208,142 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="breakwater", description="Stop runaway LLM agents while they run.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand also accepts after its name (``breakwater tail … --debug``)."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error instead of one line")
+    return c
 
-    r = sub.add_parser("replay", help="run the detectors on span files, print incidents (JSON lines)")
+
+def _broker_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", metavar="URL",
+                        help="Kafka bootstrap URL(s), kafka://host:port[,…] (overrides BREAKWATER_BROKER)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from streams import __version__
+
+    common = [_common()]
+    p = argparse.ArgumentParser(
+        prog="breakwater", description="Stop runaway LLM agents while they run.",
+        epilog="Settings come from BREAKWATER_* environment variables (see `breakwater config`).")
+    p.add_argument("--version", action="version", version=f"breakwater {__version__}",
+                   help="print the version and exit")
+    p.add_argument("--debug", action="store_true", default=False,
+                   help="show the full traceback of an error instead of one line")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    r = sub.add_parser("replay", parents=common, help="run the detectors on span files, print incidents (JSON lines)")
     r.add_argument("files", nargs="+", help="files of flat JSON / JSON arrays / JSON lines / OTLP JSON; - = stdin")
     r.add_argument("--policy", help="policy TOML file")
     r.add_argument("--commands", help="also write breaker commands (JSON lines) to this file")
     r.set_defaults(fn=cmd_replay)
 
-    w = sub.add_parser("worker", help="run the faust worker (ingest, detect, publish)")
+    w = sub.add_parser("worker", parents=common, help="run the faust worker (ingest, detect, publish)")
     w.add_argument("--policy", help="policy TOML file (else BREAKWATER_POLICY_FILE)")
-    w.add_argument("--broker", help="override BREAKWATER_BROKER")
+    _broker_flag(w)
     w.set_defaults(fn=cmd_worker)
 
-    s = sub.add_parser("schemas", help="write the JSON Schemas of every topic")
-    s.add_argument("--out", default="schemas")
+    s = sub.add_parser("schemas", parents=common, help="write the JSON Schemas of every topic")
+    s.add_argument("--out", default="schemas", help="directory to write them to (default: schemas)")
     s.set_defaults(fn=cmd_schemas)
 
-    c = sub.add_parser("config", help="print the configuration reference (env vars)")
+    c = sub.add_parser("config", parents=common,
+                       help="validate the BREAKWATER_* environment, print the configuration reference")
     c.set_defaults(fn=cmd_config)
 
-    t = sub.add_parser("tail", help="print incidents or breaker commands")
-    t.add_argument("what", choices=["incidents", "breaker"])
+    t = sub.add_parser("tail", parents=common, help="print incidents or breaker commands")
+    t.add_argument("what", choices=["incidents", "breaker"], help="which topic: incidents or breaker commands")
     t.add_argument("--json", action="store_true", help="raw JSON, one per line")
-    t.add_argument("--follow", "-f", action="store_true")
-    t.add_argument("--detector")
-    t.add_argument("--tenant")
-    t.add_argument("--severity", choices=["warning", "critical"])
-    t.add_argument("--since", help="RFC 3339 time to start from")
-    t.add_argument("--broker")
+    t.add_argument("--follow", "-f", action="store_true", help="keep waiting for new records (Ctrl-C stops)")
+    t.add_argument("--detector", metavar="D", help="only this detector's records (e.g. no_progress_loop)")
+    t.add_argument("--tenant", metavar="T", help="only records of this tenant")
+    t.add_argument("--severity", choices=["warning", "critical"], help="only incidents of this severity")
+    t.add_argument("--since", metavar="T",
+                   help="start from this time: RFC 3339 (2026-01-01T12:00:00Z) or a duration ago (30s, 10m, 2h, 1d)")
+    _broker_flag(t)
     t.set_defaults(fn=cmd_tail)
 
-    m = sub.add_parser("simulate", help="realistic agent traffic with injected loops, to Kafka or a file")
-    m.add_argument("--seed", type=int, default=7)
-    m.add_argument("--sessions", type=int, default=50)
-    m.add_argument("--loops", type=int, default=3)
+    m = sub.add_parser("simulate", parents=common,
+                       help="realistic agent traffic with injected loops, to Kafka or a file")
+    m.add_argument("--seed", type=int, default=7, help="random seed (same seed, same traffic)")
+    m.add_argument("--sessions", type=int, default=50, help="number of simulated agent sessions")
+    m.add_argument("--loops", type=int, default=3, help="how many of them loop (no_progress_loop)")
     m.add_argument("--start-ns", type=int, default=1_767_225_600_000_000_000, help="event time of the first span")
     m.add_argument("--out", help="write to this file (- = stdout) instead of Kafka")
-    m.add_argument("--format", choices=["jsonl", "json", "otlp_json"], default="jsonl")
+    m.add_argument("--format", choices=["jsonl", "json", "otlp_json"], default="jsonl",
+                   help="file format with --out (default: jsonl)")
     m.add_argument("--rate", type=float, help="spans/s when publishing")
-    m.add_argument("--broker")
+    _broker_flag(m)
     m.set_defaults(fn=cmd_simulate)
 
-    d = sub.add_parser("dev", help="the demo: embedded broker, worker, simulator, live tail")
+    d = sub.add_parser("dev", parents=common, help="the demo: embedded broker, worker, simulator, live tail")
     d.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
-    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--seed", type=int, default=7, help="random seed of the simulated traffic")
     d.set_defaults(fn=cmd_dev)
-    br = sub.add_parser("breaker", help="operator actions on breaker commands")
-    brs = br.add_subparsers(dest="breaker_cmd", required=True)
-    rel = brs.add_parser("release", help="publish a manual release for a scope (KIND:KEY, e.g. session:abc)")
-    rel.add_argument("scope")
+    br = sub.add_parser("breaker", parents=common, help="operator actions on breaker commands")
+    brs = br.add_subparsers(dest="breaker_cmd", metavar="ACTION")
+    br.set_defaults(fn=lambda args: _usage(br))
+    rel = brs.add_parser("release", parents=common,
+                         help="publish a manual release for a scope (KIND:KEY, e.g. session:abc)")
+    rel.add_argument("scope", help="KIND:KEY with KIND one of session, tenant, workflow, route, tool")
     rel.add_argument("--reason", required=True, help="why (recorded in the command)")
     rel.add_argument("--tenant", help="tenant of a route/tool scope")
-    rel.add_argument("--broker")
+    _broker_flag(rel)
     rel.set_defaults(fn=cmd_breaker_release)
 
-    b = sub.add_parser("bench", help="throughput and memory, as ratios to a ceiling measured in the same run")
+    b = sub.add_parser("bench", parents=common,
+                       help="throughput and memory, as ratios to a ceiling measured in the same run")
     b.add_argument("--sessions", type=int, default=2000, help="simulated sessions in the replay file")
-    b.add_argument("--memory-sessions", type=int, default=50_000)
+    b.add_argument("--memory-sessions", type=int, default=50_000, help="sessions of the replay-memory run")
     b.add_argument("--keys", type=int, default=100_000, help="keys per kind of state for memory per key")
     b.add_argument("--e2e-spans", type=int, default=100_000, help="spans pre-produced for the end-to-end run")
     b.add_argument("--latency-rate", default="5000,500", help="offered spans/s of the latency runs (comma separated)")
     b.add_argument("--latency-seconds", type=float, default=20.0, help="length of each latency run")
     b.add_argument("--no-live", action="store_true", help="skip the embedded-broker parts (replay and memory only)")
     b.set_defaults(fn=cmd_bench)
+    p.set_defaults(fn=lambda args: _usage(p))
     return p
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """A command without its subcommand: the help, on stdout, exit 2."""
+    parser.print_help()
+    return 2
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        debug = bool(getattr(args, "debug", False))
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # the reader went away (`breakwater tail … | head -1`): that is how pipes end, not an error
+        _quiet_stdout()
+        return 0
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"breakwater: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        return 130
 
 
 if __name__ == "__main__":

@@ -224,6 +224,53 @@ class Filters:
         return True
 
 
+def detector_names() -> tuple[str, ...]:
+    """The detectors a ``--detector`` filter may name (those of the policy file).
+
+    >>> detector_names()
+    ('no_progress_loop', 'retry_storm', 'cost_velocity', 'plan_deadlock', 'silent_success')
+    """
+    from streams.policy import DetectorPolicies
+
+    return tuple(DetectorPolicies.model_fields)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
+_UNIT_NS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9, "w": 7 * 86400 * 10**9}
+
+
+def parse_since(value: str, now_ns: int | None = None) -> int:
+    """``--since``: an RFC 3339 time, or a duration before ``now_ns`` (``30s``, ``10m``, ``2h``,
+    ``1d``, ``1h30m``), as Unix nanoseconds. A time without a zone is UTC.
+
+    >>> now = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
+    >>> (now - parse_since("10m", now)) // 10**9, (now - parse_since("1h30m", now)) // 10**9
+    (600, 5400)
+    >>> (now - parse_since("1d", now)) // 10**9, (now - parse_since("30s", now)) // 10**9
+    (86400, 30)
+    >>> parse_since("2026-01-01T00:00:02Z") - now, parse_since("2026-01-01 01:00:00+01:00") - now
+    (2000000000, 0)
+    >>> parse_since("yesterday")
+    Traceback (most recent call last):
+    ...
+    ValueError: expected a duration ago (30s, 10m, 2h, 1d) or an RFC 3339 time (2026-01-01T12:00:00Z), got 'yesterday'
+    """
+    text = value.strip()
+    compact = text.replace(" ", "")
+    if compact and _DURATION.sub("", compact) == "":
+        total = sum(int(float(n) * _UNIT_NS[u.lower()]) for n, u in _DURATION.findall(compact))
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        return now_ns - total
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError("expected a duration ago (30s, 10m, 2h, 1d) or an RFC 3339 time "
+                         f"(2026-01-01T12:00:00Z), got {clean(value, 60)!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
+
+
 class BadRecord(ValueError):
     """A record value that is not a JSON object."""
 
