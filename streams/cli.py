@@ -156,7 +156,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from streams import simulate
 
-    start_ns = args.start_ns
+    start_ns = args.start_ns if args.start_ns is not None else simulate.default_start_ns(bool(args.out))
     spans = list(simulate.generate(args.seed, args.sessions, start_ns, loops=args.loops))
     if args.out:
         simulate.write_file(args.out if args.out != "-" else sys.stdout.buffer, spans, args.format)
@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=7, help="random seed (same seed, same traffic)")
     m.add_argument("--sessions", type=int, default=50, help="number of simulated agent sessions")
     m.add_argument("--loops", type=int, default=3, help="how many of them loop (no_progress_loop)")
-    m.add_argument("--start-ns", type=int, default=1_767_225_600_000_000_000, help="event time of the first span")
+    m.add_argument("--start-ns", type=int, metavar="NS",
+                   help="event time of the first session, Unix ns (default: now when publishing to Kafka, "
+                        "so a live worker sees current times; 1767225600000000000 = 2026-01-01T00:00:00Z "
+                        "with --out, so the same seed gives the same bytes)")
     m.add_argument("--out", help="write to this file (- = stdout) instead of Kafka")
     m.add_argument("--format", choices=["jsonl", "json", "otlp_json"], default="jsonl",
                    help="file format with --out (default: jsonl)")

@@ -56,6 +56,10 @@ LOOP_KINDS: tuple[str, ...] = ("repeat", "cycle", "stagnation")
 FORMATS: tuple[str, ...] = ("jsonl", "json", "otlp_json")
 """File formats of :func:`write_file`."""
 
+FILE_START_NS = 1_767_225_600_000_000_000
+"""Default event time of the first session written to a file: 2026-01-01T00:00:00Z, fixed so that
+the same seed gives the same bytes."""
+
 OTLP_SPANS_PER_REQUEST = 100
 _SCOPE = {"name": "breakwater.simulate", "version": "0.1.0"}
 _KIND_NUM = {"UNSPECIFIED": 0, "INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
@@ -671,6 +675,24 @@ def write_file(path_or_fp: str | Path | IO[Any], spans: Iterable[dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------- Kafka
+
+
+def default_start_ns(to_file: bool, now_ns: int | None = None) -> int:
+    """Event time of the first session when ``--start-ns`` is not given.
+
+    A file gets :data:`FILE_START_NS` (deterministic: same seed, same bytes). Traffic published to
+    Kafka starts now (``now_ns``, default the wall clock), so a live worker sees current event times
+    and the halts it issues are not already expired.
+
+    >>> default_start_ns(True) == FILE_START_NS
+    True
+    >>> default_start_ns(False, now_ns=42)
+    42
+    """
+    if to_file:
+        return FILE_START_NS
+    return time.time_ns() if now_ns is None else now_ns
+
 
 
 def _key_of(span: dict[str, Any]) -> str:

@@ -3,8 +3,10 @@
 Reads ``agent.incidents`` or ``agent.breaker`` from the beginning (no consumer group, every
 partition assigned; ``since_ns`` seeks by record timestamp) and prints one readable line per record::
 
-    12:00:03.120  CRITICAL  no_progress_loop  session:s1  open      Session s1 looped.  [cmd-1f…]
-    12:00:03.120  HALT      session:s1  enforce  expires 12:15:03  no_progress_loop:repeat
+    2026-01-01T12:00:03.120Z  CRITICAL  no_progress_loop  session:s1  open      Session s1 looped.  [cmd-1f…]
+    2026-01-01T12:00:03.120Z  HALT      session:s1  enforce  expires 2026-01-01T12:15:03Z  no_progress_loop:repeat
+
+Times are RFC 3339 in UTC, with the date and ``Z``.
 
 Colours when the output is a terminal (and ``NO_COLOR`` is unset); ``--json`` prints each value
 as one compact JSON line instead. Without ``follow`` it stops once the topic has been quiet for
@@ -16,7 +18,7 @@ the tail or inject terminal escape sequences, and raw tool arguments are never p
 ...               b' "reason": "no_progress_loop:repeat", "issued_at": "2026-01-01T12:00:03.120000Z",'
 ...               b' "expires_at": "2026-01-01T12:15:03.120000Z"}', "breaker")
 >>> line
-'12:00:03.120  HALT      session:s1  enforce  expires 12:15:03  no_progress_loop:repeat'
+'2026-01-01T12:00:03.120Z  HALT      session:s1  enforce  expires 2026-01-01T12:15:03Z  no_progress_loop:repeat'
 """
 
 from __future__ import annotations
@@ -89,11 +91,13 @@ def _parse_time(value: Any) -> datetime | None:
     return dt.astimezone(UTC)
 
 
-def _hms(value: Any, millis: bool = True) -> str:
+def _stamp(value: Any, millis: bool = True) -> str:
+    """An RFC 3339 UTC time with its date and ``Z``: ``2026-01-01T12:00:03.120Z`` (``millis``) or
+    ``2026-01-01T12:00:03Z``; question marks of the same width when the value is not a time."""
     dt = _parse_time(value)
     if dt is None:
-        return "??:??:??.???" if millis else "??:??:??"
-    return dt.strftime("%H:%M:%S.%f")[:12] if millis else dt.strftime("%H:%M:%S")
+        return "????-??-??T??:??:??.???Z" if millis else "????-??-??T??:??:??Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z" if millis else dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _scope(d: dict[str, Any]) -> str:
@@ -107,23 +111,23 @@ def _scope(d: dict[str, Any]) -> str:
 
 
 def format_incident(d: dict[str, Any], color: bool = False) -> str:
-    """One line for an incident (SPEC §5); times are the event time in UTC.
+    """One line for an incident (SPEC §5); times are the event time, RFC 3339 in UTC.
 
     >>> inc = {"detected_at": "2026-01-01T12:00:03.120456Z", "severity": "critical",
     ...        "detector": "no_progress_loop", "scope": {"kind": "session", "key": "s1"},
     ...        "status": "open", "summary": "Session s1 called tool 'search' 3 times.",
     ...        "breaker_command_id": "cmd-9f2c", "policy_mode": "enforce"}
     >>> format_incident(inc)
-    "12:00:03.120  CRITICAL  no_progress_loop  session:s1  open      Session s1 called tool 'search' 3 times.  [cmd-9f2c]"
+    "2026-01-01T12:00:03.120Z  CRITICAL  no_progress_loop  session:s1  open      Session s1 called tool 'search' 3 times.  [cmd-9f2c]"
     >>> format_incident({**inc, "policy_mode": "shadow", "breaker_command_id": None, "status": "resolved"})
-    "12:00:03.120  CRITICAL  no_progress_loop  session:s1  resolved  Session s1 called tool 'search' 3 times.  (shadow)"
+    "2026-01-01T12:00:03.120Z  CRITICAL  no_progress_loop  session:s1  resolved  Session s1 called tool 'search' 3 times.  (shadow)"
     >>> "\\x1b[" in format_incident(inc, color=True)
     True
     """
     sev = clean(d.get("severity"), 10).upper()
     status = clean(d.get("status"), 10)
     parts = [
-        _paint(_hms(d.get("detected_at")), _DIM, color),
+        _paint(_stamp(d.get("detected_at")), _DIM, color),
         _paint(f"{sev:<8}", _SEVERITY_COLOR.get(sev), color),
         _paint(f"{clean(d.get('detector'), 30):<16}", _CYAN, color),
         _scope(d),
@@ -140,27 +144,27 @@ def format_incident(d: dict[str, Any], color: bool = False) -> str:
 
 
 def format_command(d: dict[str, Any], color: bool = False) -> str:
-    """One line for a breaker command (SPEC §6).
+    """One line for a breaker command (SPEC §6); times are RFC 3339 in UTC.
 
     >>> cmd = {"action": "throttle", "scope": {"kind": "route", "key": "openai/gpt-4o", "tenant": "acme"},
     ...        "mode": "shadow", "reason": "retry_storm", "issued_at": "2026-01-01T12:00:03Z",
     ...        "expires_at": "2026-01-01T12:02:03Z", "rate_limit_per_s": 5.0}
     >>> format_command(cmd)
-    '12:00:03.000  THROTTLE  route:openai/gpt-4o tenant:acme  shadow   expires 12:02:03  limit 5/s  retry_storm'
+    '2026-01-01T12:00:03.000Z  THROTTLE  route:openai/gpt-4o tenant:acme  shadow   expires 2026-01-01T12:02:03Z  limit 5/s  retry_storm'
     >>> format_command({"action": "release", "scope": {"kind": "session", "key": "s1"}, "mode": "enforce",
     ...                 "reason": "expired", "issued_at": "2026-01-01T12:15:03Z", "expires_at": None})
-    '12:15:03.000  RELEASE   session:s1  enforce  expired'
+    '2026-01-01T12:15:03.000Z  RELEASE   session:s1  enforce  expired'
     """
     action = clean(d.get("action"), 12).upper()
     mode = clean(d.get("mode"), 10)
     parts = [
-        _paint(_hms(d.get("issued_at")), _DIM, color),
+        _paint(_stamp(d.get("issued_at")), _DIM, color),
         _paint(f"{action:<8}", _ACTION_COLOR.get(action), color),
         _scope(d),
         _paint(f"{mode:<7}", _MODE_COLOR.get(mode), color),
     ]
     if d.get("expires_at"):
-        parts.append(f"expires {_hms(d.get('expires_at'), millis=False)}")
+        parts.append(f"expires {_stamp(d.get('expires_at'), millis=False)}")
     rate = d.get("rate_limit_per_s")
     if isinstance(rate, int | float) and not isinstance(rate, bool):
         parts.append(f"limit {rate:g}/s")
@@ -339,7 +343,7 @@ class Printer:
     ...          b' "reason": "silent_success", "issued_at": "2026-01-01T00:00:00Z", "expires_at": null}')
     True
     >>> out.getvalue()
-    '00:00:00.000  HOLD      session:s9  enforce  silent_success\\n'
+    '2026-01-01T00:00:00.000Z  HOLD      session:s9  enforce  silent_success\\n'
     >>> err.getvalue()
     'breakwater tail: skipped unparseable record agent.breaker[0]@7 (not JSON); 1 so far\\n'
     >>> p.stats

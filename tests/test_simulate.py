@@ -445,3 +445,62 @@ def test_bad_arguments():
         list(sim.generate(1, -1, T0, loops=0))
     with pytest.raises(ValueError):
         sim.build_session(1, 0, T0, kind="teleport")
+
+
+# ----------------------------------------------------------------------------- default start time (issue 13)
+
+
+def test_default_start_is_now_for_kafka_and_fixed_for_files():
+    assert sim.default_start_ns(True) == sim.FILE_START_NS == T0
+    assert sim.default_start_ns(True, now_ns=5) == T0
+    assert sim.default_start_ns(False, now_ns=5) == 5
+    before = time.time_ns()
+    assert before <= sim.default_start_ns(False) <= time.time_ns()
+
+
+def test_cli_publishing_stamps_current_times(monkeypatch):
+    """Regression: ``breakwater simulate`` to Kafka stamped spans at 2026-01-01, so halts were born expired."""
+    from streams import cli
+
+    published: list[dict] = []
+
+    async def fake_publish(settings, spans, *, rate, **kw):
+        published.extend(spans)
+        return sim.PublishStats()
+
+    monkeypatch.setattr(cli, "_check_broker", lambda settings: None)
+    monkeypatch.setattr(sim, "publish", fake_publish)
+    before = time.time_ns()
+    assert cli.main(["simulate", "--sessions", "3", "--loops", "1", "--broker", "127.0.0.1:9"]) == 0
+    after = time.time_ns()
+    assert published
+    first = min(s["start_time_unix_nano"] for s in published)
+    assert before <= first <= after  # start = now
+    assert all(s["end_time_unix_nano"] - after < 30 * 60 * S for s in published)  # minutes ahead, not months behind
+    # an explicit --start-ns still wins
+    published.clear()
+    assert cli.main(["simulate", "--sessions", "2", "--loops", "0", "--start-ns", str(T0),
+                     "--broker", "127.0.0.1:9"]) == 0
+    assert min(s["start_time_unix_nano"] for s in published) == T0
+
+
+def test_cli_file_output_keeps_the_deterministic_default(tmp_path):
+    from streams import cli
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for p in (a, b):
+        assert cli.main(["simulate", "--sessions", "3", "--loops", "1", "--out", str(p)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    spans = [orjson.loads(line) for line in a.read_bytes().splitlines()]
+    assert min(s["start_time_unix_nano"] for s in spans) == T0
+    expected = io.BytesIO()
+    sim.write_file(expected, sim.generate(7, 3, T0, loops=1), "jsonl")
+    assert a.read_bytes() == expected.getvalue()
+
+
+def test_cli_help_says_which_default_applies():
+    from streams.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.choices and "simulate" in a.choices)
+    helptext = " ".join(sub.choices["simulate"].format_help().split())
+    assert "now when publishing to Kafka" in helptext and "with --out" in helptext

@@ -58,14 +58,14 @@ def cmd(**kw) -> dict:
 
 def test_incident_line_from_the_real_model():
     line = render(INCIDENT.model_dump_json().encode(), "incidents")
-    assert line == ("12:00:03.120  CRITICAL  no_progress_loop  session:sess-1  open      "
+    assert line == ("2026-01-01T12:00:03.120Z  CRITICAL  no_progress_loop  session:sess-1  open      "
                     "Session sess-1 called tool 'search' 3 times with the same arguments in 3 s without progress."
                     "  [cmd-51b2]")
 
 
 def test_command_line_from_the_real_model():
     line = render(COMMAND.model_dump_json().encode(), "breaker")
-    assert line == "12:00:03.120  HALT      session:sess-1  enforce  expires 12:15:03  no_progress_loop:repeat"
+    assert line == "2026-01-01T12:00:03.120Z  HALT      session:sess-1  enforce  expires 2026-01-01T12:15:03Z  no_progress_loop:repeat"
 
 
 @pytest.mark.parametrize("status", ["open", "updated", "resolved"])
@@ -79,23 +79,37 @@ def test_incident_statuses_and_colour(status):
 def test_warning_and_shadow_and_no_command():
     line = format_incident(inc(severity="warning", detector="plan_deadlock", policy_mode="shadow",
                                breaker_command_id=None, scope={"kind": "workflow", "key": "wf-9"}))
-    assert line.startswith("12:00:03.120  WARNING   plan_deadlock     workflow:wf-9  open")
+    assert line.startswith("2026-01-01T12:00:03.120Z  WARNING   plan_deadlock     workflow:wf-9  open")
     assert line.endswith("(shadow)") and "[cmd" not in line
 
 
 def test_command_variants():
     thr = format_command(cmd(action="throttle", scope={"kind": "route", "key": "openai/gpt-4o", "tenant": "globex"},
                              mode="shadow", rate_limit_per_s=2.5, reason="retry_storm:route"))
-    assert thr == ("12:00:03.120  THROTTLE  route:openai/gpt-4o tenant:globex  shadow   expires 12:15:03  "
+    assert thr == ("2026-01-01T12:00:03.120Z  THROTTLE  route:openai/gpt-4o tenant:globex  shadow   expires 2026-01-01T12:15:03Z  "
                    "limit 2.5/s  retry_storm:route")
     rel = format_command(cmd(action="release", expires_at=None, reason="expired"))
-    assert rel == "12:00:03.120  RELEASE   session:sess-1  enforce  expired"
+    assert rel == "2026-01-01T12:00:03.120Z  RELEASE   session:sess-1  enforce  expired"
     colored = format_command(cmd(), color=True)
     assert ANSI.sub("", colored) == format_command(cmd())
 
 
+def test_times_carry_date_and_zone():
+    """Regression (issue 13): a bare 12:00:03 is ambiguous across days and zones."""
+    stamp = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}"
+    inc_line = format_incident(inc(detected_at="2026-12-07T18:40:12.5Z"))
+    assert re.match(stamp + r"\.\d{3}Z  ", inc_line) and inc_line.startswith("2026-12-07T18:40:12.500Z")
+    cmd_line = format_command(cmd(issued_at="2026-12-07T23:59:59Z", expires_at="2026-12-08T00:14:59Z"))
+    assert cmd_line.startswith("2026-12-07T23:59:59.000Z  HALT")
+    assert re.search(r"  expires " + stamp + "Z  ", cmd_line) and "expires 2026-12-08T00:14:59Z" in cmd_line
+    # a naive time is taken as UTC; a missing one keeps the column width
+    assert format_incident(inc(detected_at="2026-01-01T12:00:03")).startswith("2026-01-01T12:00:03.000Z  ")
+    missing = format_incident(inc(detected_at=None))
+    assert missing.startswith("????-??-??T??:??:??.???Z  ") and len(missing) == len(format_incident(inc()))
+
+
 def test_times_are_utc_whatever_the_offset():
-    assert format_incident(inc(detected_at="2026-01-01T13:00:03.5+01:00")).startswith("12:00:03.500")
+    assert format_incident(inc(detected_at="2026-01-01T13:00:03.5+01:00")).startswith("2026-01-01T12:00:03.500Z  ")
 
 
 @pytest.mark.parametrize("d", [

@@ -75,7 +75,7 @@ def run_tail(settings, what, **kw):
 
 def test_incidents_from_the_beginning_in_time_order_bad_record_warned(topics):
     lines, err, stats = run_tail(topics, "incidents")
-    assert [ln.split()[0] for ln in lines] == ["00:00:01.000", "00:00:02.000", "00:00:03.000"]
+    assert [ln.split()[0] for ln in lines] == ["2026-01-01T00:00:01.000Z", "2026-01-01T00:00:02.000Z", "2026-01-01T00:00:03.000Z"]
     assert "CRITICAL  no_progress_loop  session:s1  open" in lines[0] and lines[0].endswith("[cmd-1]")
     assert "skipped unparseable record" in err and (stats.printed, stats.bad) == (3, 1)
 
@@ -101,8 +101,8 @@ def test_json_lines_never_carry_raw_arguments(topics):
 def test_breaker_lines(topics):
     lines, _, _ = run_tail(topics, "breaker")
     assert lines == [
-        "00:00:00.000  HALT      session:s1  enforce  expires 00:15:01  no_progress_loop:repeat",
-        "00:00:00.000  RELEASE   session:s1  enforce  expired",
+        "2026-01-01T00:00:00.000Z  HALT      session:s1  enforce  expires 2026-01-01T00:15:01Z  no_progress_loop:repeat",
+        "2026-01-01T00:00:00.000Z  RELEASE   session:s1  enforce  expired",
     ]
 
 

@@ -71,6 +71,8 @@ FEATURES: dict[str, tuple[tuple[str, str], ...]] = {
         (LS, "langsmith.metadata.thread_id"),
         (LS, "langsmith.metadata.conversation_id"),
         (LITELLM, "metadata.session_id"),
+        (LITELLM, "litellm.session_id"),
+        (LITELLM, "litellm.trace_id"),
     ),
     "tenant": (
         (BW, "tenant.id"),
@@ -129,6 +131,7 @@ FEATURES: dict[str, tuple[tuple[str, str], ...]] = {
         (OI, "llm.cost.total"),
         (PAI, "operation.cost"),
         (LITELLM, "gen_ai.cost.total_cost"),
+        (LITELLM, "litellm.cost.total"),
         (LITELLM, "llm.response.cost"),
     ),
     "resend": (
@@ -164,7 +167,7 @@ RESOURCE_TOO = frozenset({"session", "tenant", "workflow", "operation", "provide
 SHARED: dict[str, tuple[str, ...]] = {
     "gen_ai.operation.name": (PAI, LITELLM, LS),
     "gen_ai.tool.name": (PAI,),
-    "gen_ai.provider.name": (PAI,),
+    "gen_ai.provider.name": (PAI, LITELLM),
     "gen_ai.system": (OLL, PAI, LITELLM, LS),
     "gen_ai.request.model": (LEGACY, OLL, PAI, LITELLM, LS),
     "gen_ai.response.model": (LEGACY, OLL, PAI, LITELLM, LS),
@@ -173,8 +176,11 @@ SHARED: dict[str, tuple[str, ...]] = {
     "gen_ai.usage.prompt_tokens": (OLL, LITELLM),
     "gen_ai.usage.completion_tokens": (OLL, LITELLM),
     "error.type": (PAI,),
-    "session.id": (LITELLM,),
-    "gen_ai.conversation.id": (PAI,),
+    "gen_ai.conversation.id": (PAI, LITELLM),
+    "llm.cost.total": (LITELLM,),
+    "llm.token_count.prompt": (LITELLM,),
+    "llm.token_count.completion": (LITELLM,),
+    "llm.model_name": (LITELLM,),
 }
 
 # Span-kind markers: (dialect, key, {value (lower-cased): canonical operation}).  A value mapped to

@@ -19,7 +19,8 @@ its switches from the environment at import/construction time):
   ``OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental`` (``chat gpt-4o`` CLIENT spans).
 * ``litellm-otel-v2`` -- the ``"otel"`` callback with ``LITELLM_OTEL_V2=true``: the new
   ``litellm.integrations.otel`` package (``OpenTelemetryV2``, default mappers ``genai`` +
-  ``legacy``).
+  ``legacy``), with ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=span_only`` (its default,
+  ``no_content``, drops every message, so no tool call would be visible at all).
 * ``litellm-arize-phoenix`` -- the ``"arize_phoenix"`` callback (``ArizePhoenixLogger``, the
   OpenInference vocabulary; legacy generation, ``LITELLM_OTEL_V2`` unset).
 
@@ -52,7 +53,7 @@ from typing import Any
 DIALECTS = {
     "litellm-otel": {},
     "litellm-otel-genai-latest": {"OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental"},
-    "litellm-otel-v2": {"LITELLM_OTEL_V2": "true"},
+    "litellm-otel-v2": {"LITELLM_OTEL_V2": "true", "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "span_only"},
     "litellm-arize-phoenix": {},
 }
 MODEL = "gpt-4o"
@@ -134,7 +135,7 @@ def trimmed(spans: list) -> list:
 
     out = []
     for sp in spans:
-        attrs = {k: (cut(v) if k == "error.stack_trace" else v) for k, v in (sp.attributes or {}).items()}
+        attrs = {k: (cut(v) if k in ("error.stack_trace", "litellm.provider.error.stack_trace") else v) for k, v in (sp.attributes or {}).items()}
         events = [Event(e.name, {k: (cut(v) if k == "exception.stacktrace" else v)
                                  for k, v in (e.attributes or {}).items()}, e.timestamp) for e in sp.events]
         out.append(ReadableSpan(
@@ -256,7 +257,8 @@ COMMON_NOTES = (
     "calls (and, on the next model call, as role=tool input messages); the failed tool in `silent` is just a "
     "tool message with an error text in the next request's input, nothing is marked as an error. "
     "Retries: litellm.acompletion(num_retries=4) against an HTTP 503 made {retry_http_requests} HTTP requests "
-    "per session (LiteLLM's num_retries retries plus the openai SDK retries it re-enables) but the logger "
+    "per session (more than the 5 attempts num_retries=4 implies; LiteLLM retries at more than one layer) but "
+    "the logger "
     "emitted only one failed model span per session (the final failure, {retry_error}): the attempts are "
     "invisible, so `retry` expects []. "
 )
@@ -279,11 +281,18 @@ NOTES = {
         "Sessions: litellm_session_id is emitted as gen_ai.conversation.id on every model span, but each call "
         "is still its own trace; a reader grouping by gen_ai.conversation.id sees the loop (5 identical "
         "requested get_order_status calls) and the cost ($0.34 x 8 in one session). "
-        "Dialect: LITELLM_OTEL_V2=true, `OpenTelemetryV2` with its default mappers (genai + legacy)."),
-    "litellm-arize-phoenix": COMMON_NOTES + _NO_SESSION.replace(
-        "only `user=` shows, as llm.user", "only `user=` shows, as user.id; session.id is only filled from the "
-        "proxy's end-user id") + (
-        "Dialect: the `arize_phoenix` callback (`ArizePhoenixLogger`, OpenInference attribute names)."),
+        "Dialect: LITELLM_OTEL_V2=true, `OpenTelemetryV2` with its default mappers (genai + legacy), and "
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=span_only: by default V2 captures no message content, "
+        "and then the requested tool calls (names, arguments) are not on the spans at all and the loop could "
+        "not be seen."),
+    "litellm-arize-phoenix": COMMON_NOTES + (
+        "Sessions: OpenInference `session.id` is NOT set (this logger fills it only from the proxy's end-user "
+        "id); the caller's litellm_session_id lands in `litellm.trace_id` (LiteLLM's logical trace id, which "
+        "groups the calls of one run) on every litellm_request span, while each call is its own OTel trace. "
+        "A reader grouping by litellm.trace_id sees the loop (5 identical requested get_order_status calls in "
+        "llm.output_messages) and the cost ($0.34 x 8); one that does not sees one-call sessions and nothing. "
+        "Dialect: the `arize_phoenix` callback (`ArizePhoenixLogger`, OpenInference attribute names, legacy "
+        "generation: LITELLM_OTEL_V2 unset)."),
 }
 _ALL_EMPTY = {"loop": [], "paging": [], "silent": [], "cost": [], "retry": []}
 EXPECT = {
@@ -291,7 +300,8 @@ EXPECT = {
     "litellm-otel-genai-latest": _ALL_EMPTY,
     "litellm-otel-v2": {"loop": ["no_progress_loop"], "paging": [], "silent": [], "cost": ["cost_velocity"],
                         "retry": []},
-    "litellm-arize-phoenix": _ALL_EMPTY,
+    "litellm-arize-phoenix": {"loop": ["no_progress_loop"], "paging": [], "silent": [], "cost": ["cost_velocity"],
+                              "retry": []},
 }
 
 
@@ -304,6 +314,7 @@ if __name__ == "__main__":
     else:
         for name, env in DIALECTS.items():
             clean = {k: v for k, v in os.environ.items()
-                     if k not in ("LITELLM_OTEL_V2", "OTEL_SEMCONV_STABILITY_OPT_IN")}
+                     if k not in ("LITELLM_OTEL_V2", "OTEL_SEMCONV_STABILITY_OPT_IN",
+                                  "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT")}
             subprocess.run([sys.executable, "-m", "tests.frameworks.record_litellm", "--dialect", name],
                            env={**clean, **env}, check=True)
