@@ -39,6 +39,8 @@ from faust.streams import _current_event
 
 from streams import metrics, ops, semconv
 from streams.ingest import Limits, decode
+from streams.ingest.clock import check_wall
+from streams.ingest.dialects import BAD_VALUES
 from streams.models import Rejection, Span
 from streams.stages import build_stages, group
 from streams.policy import Policy
@@ -125,6 +127,18 @@ class Breakwater:
     policy: Policy
 
 
+_BAD_EXPORTED: dict[str, int] = {}
+
+
+def _export_bad_values() -> None:
+    """Move what ingest counted in :data:`BAD_VALUES` (per process) to the Prometheus counter."""
+    for feature, n in list(BAD_VALUES.items()):
+        done = _BAD_EXPORTED.get(feature, 0)
+        if n > done:
+            metrics.IGNORED_VALUES.labels(feature=feature).inc(n - done)
+            _BAD_EXPORTED[feature] = n
+
+
 def create_app(settings: Settings, policy: Policy) -> Breakwater:
     app = faust.App(
         settings.app_id,
@@ -161,6 +175,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
     dlq = app.topic(settings.topic_dlq, **raw)
     limits = Limits(max_message_bytes=settings.max_message_bytes)
     lateness_ns = policy.allowed_lateness_ns
+    max_skew_ns = policy.max_clock_skew_ns
     n_parts = settings.partitions
 
     async def publish(outs: list) -> list:
@@ -234,16 +249,22 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                     metrics.REJECTIONS.labels(reason="internal_error").inc()
                     await send_dlq(ev, [Rejection("internal_error", type(exc).__name__)])
                     continue
-                if d.rejections:
-                    for r in d.rejections:
+                rejections = d.rejections
+                good = d.spans
+                if good:  # event-time plausibility against the wall clock (streams.ingest.clock)
+                    good, skewed = check_wall(good, time.time_ns(), max_skew_ns)
+                    if skewed:
+                        rejections = rejections + skewed
+                if rejections:
+                    for r in rejections:
                         metrics.REJECTIONS.labels(reason=r.reason).inc()
-                    await send_dlq(ev, d.rejections)
-                if d.spans:
-                    metrics.SPANS_IN.labels(format=d.format).inc(len(d.spans))
+                    await send_dlq(ev, rejections)
+                if good:
+                    metrics.SPANS_IN.labels(format=d.format).inc(len(good))
                     src = (f"{ev.message.topic}/{ev.message.partition}", ev.message.offset)
-                    for s in d.spans:
+                    for s in good:
                         source[id(s)] = src
-                    spans.extend(d.spans)
+                    spans.extend(good)
             # one message per stage partition per batch ({key: spans}), not one per key: a faust
             # send and a faust event each cost ≈ 0.2 ms, a batch holds thousands of keys (SPEC §9)
             wires: dict[int, Any] = {}
@@ -633,6 +654,8 @@ class KeyedStage:
         wm = hi - self.lateness_ns
         heap = self.heaps.setdefault(part, [])
         idx = self.index.setdefault(part, OrderedDict())
+        resent0 = getattr(stage, "duplicates", 0)
+        bad0 = sum(BAD_VALUES.values())
         for key, items in groups.items():
             st = self.get_state(key)
             if st is None:
@@ -651,6 +674,11 @@ class KeyedStage:
             d = stage.next_deadline(st)
             if d is not None:
                 heapq.heappush(heap, (d, key))
+        resent = getattr(stage, "duplicates", 0) - resent0
+        if resent:
+            metrics.RESENT_SPANS.labels(stage=stage.name).inc(resent)
+        if sum(BAD_VALUES.values()) != bad0:
+            _export_bad_values()
         # timers the watermark has passed
         fired: dict[bytes, int] = {}
         while heap and heap[0][0] <= wm:

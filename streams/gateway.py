@@ -22,7 +22,14 @@ Rules (SPEC §6):
   ``allow``; deny beats throttle; ``enforce`` beats ``shadow``;
 * ``mode: shadow`` commands never deny: the decision says ``shadow=True`` and ``would_deny``;
 * ``route`` and ``tool`` commands with a ``scope.tenant`` apply to that tenant's calls only
-  (commands of the other kinds carry the tenant for information only).
+  (commands of the other kinds carry the tenant for information only);
+* every record goes through :func:`validate_record` before it can touch the state: its key must be
+  exactly ``"{scope.kind}:{scope.key}"`` (valid UTF-8; a record without a key takes the scope's),
+  the scope key non-empty and at most :data:`MAX_SCOPE_KEY_CHARS` characters (so is a narrowing
+  tenant), a ``rate_limit_per_s`` finite and ``>= 0`` on any action and ``> 0`` on a throttle,
+  ``expires_at`` RFC 3339 with a zone (or null). A rejected record changes nothing (the key keeps
+  its current command), is counted in :attr:`BreakerClient.rejected` by reason, and is logged
+  with its reason and its key's length and SHA-256 prefix only, never its content.
 
 The client never raises from :meth:`~BreakerClient.check`, and a broker outage never breaks it: the
 consumer reconnects in the background with backoff, resuming where it stopped, while ``check``
@@ -44,9 +51,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -61,13 +71,24 @@ from streams.settings import kafka_client_kwargs
 if TYPE_CHECKING:  # pragma: no cover
     from streams.settings import Settings
 
-__all__ = ["BreakerClient", "ClientStats", "Decision", "Lag", "command_json", "ALLOW"]
+__all__ = ["BreakerClient", "ClientStats", "Decision", "Lag", "command_json", "ALLOW", "BadRecord", "ValidRecord",
+           "validate_record", "MAX_SCOPE_KEY_CHARS", "REJECT_REASONS"]
 
 log = logging.getLogger("breakwater.gateway")
 
 DENY_ACTIONS = ("halt", "trip", "hold")
 _RANK = {"halt": 0, "trip": 1, "hold": 2}
 _SCOPE_ORDER = {"session": 0, "workflow": 1, "tenant": 2, "route": 3, "tool": 4}
+
+MAX_SCOPE_KEY_CHARS = 512
+"""Longest ``scope.key`` (and narrowing ``scope.tenant``) a gateway accepts, in characters."""
+
+REJECT_REASONS = ("not_json", "schema", "bad_key", "key_mismatch", "empty_scope_key", "scope_key_too_long",
+                  "bad_tenant", "bad_rate", "bad_expiry")
+"""Why :func:`validate_record` refuses a record (the keys of :attr:`BreakerClient.rejected`)."""
+
+_LOG_FIRST = 10      # rejections logged per reason before the log thins out ...
+_LOG_EVERY = 1000    # ... to one line per this many
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +183,99 @@ class ClientStats:
 
 
 def _epoch_s(ts: str | None) -> float | None:
-    if not ts:
+    if ts is None:
         return None
     dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     if dt.tzinfo is None:
         raise ValueError(f"timestamp without a time zone: {ts!r}")
     return dt.timestamp()
+
+
+class BadRecord(ValueError):
+    """A breaker record :func:`validate_record` refuses; ``reason`` is one of :data:`REJECT_REASONS`.
+
+    The message is the reason only: nothing of the record's content.
+
+    >>> str(BadRecord("key_mismatch"))
+    'key_mismatch'
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRecord:
+    """A record that passed :func:`validate_record`: its key, command and expiry (epoch s, or None)."""
+
+    key: str
+    command: BreakerCommand
+    until: float | None
+
+
+def _decode_key(key: bytes | bytearray | str | None) -> str | None:
+    if key is None or isinstance(key, str):
+        return key
+    try:
+        return bytes(key).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRecord("bad_key") from None
+
+
+def validate_record(key: bytes | str | None, value: bytes | str) -> ValidRecord:
+    """The one check of a breaker record (key + non-null value) before it may enter a client's state.
+
+    Raises :class:`BadRecord` with the first rule the record breaks:
+
+    * ``bad_key``: the key is not UTF-8 (it is never "repaired": a repaired key could name another scope);
+    * ``not_json`` / ``schema``: not JSON, or not a BreakerCommand (unknown action, mode or scope
+      kind, a field missing or of the wrong type);
+    * ``empty_scope_key`` / ``scope_key_too_long``: ``scope.key`` empty or only whitespace, or longer
+      than :data:`MAX_SCOPE_KEY_CHARS`;
+    * ``key_mismatch``: the key is not exactly ``"{scope.kind}:{scope.key}"`` (a record without a
+      key takes the scope's);
+    * ``bad_tenant``: a ``route`` / ``tool`` command narrowed to an empty or over-long tenant;
+    * ``bad_rate``: ``rate_limit_per_s`` not finite or negative (any action), or not ``> 0`` on a
+      ``throttle`` (a throttle that lets nothing through is a ``hold`` without an honest retry time);
+    * ``bad_expiry``: ``expires_at`` not RFC 3339 with a zone (``null`` means no expiry; ``""`` is bad).
+
+    >>> validate_record(b"session:s1", command_json("halt", "session", "s1")).key
+    'session:s1'
+    >>> validate_record(b"session:victim", command_json("halt", "session", "other"))
+    Traceback (most recent call last):
+    ...
+    streams.gateway.BadRecord: key_mismatch
+    >>> validate_record(None, command_json("throttle", "route", "r/m", rate_limit_per_s=0)).key
+    Traceback (most recent call last):
+    ...
+    streams.gateway.BadRecord: bad_rate
+    """
+    k = _decode_key(key)
+    try:
+        cmd = BreakerCommand.model_validate_json(value)
+    except ValidationError as exc:
+        kinds = {e.get("type") for e in exc.errors(include_url=False, include_context=False, include_input=False)}
+        raise BadRecord("not_json" if "json_invalid" in kinds else "schema") from None
+    scope = cmd.scope
+    if not scope.key.strip():
+        raise BadRecord("empty_scope_key")
+    if len(scope.key) > MAX_SCOPE_KEY_CHARS:
+        raise BadRecord("scope_key_too_long")
+    expected = f"{scope.kind}:{scope.key}"
+    if k is not None and k != expected:
+        raise BadRecord("key_mismatch")
+    if scope.kind in ("route", "tool") and scope.tenant is not None and (
+            not scope.tenant.strip() or len(scope.tenant) > MAX_SCOPE_KEY_CHARS):
+        raise BadRecord("bad_tenant")
+    rate = cmd.rate_limit_per_s
+    if rate is not None and (not math.isfinite(rate) or rate < 0 or (cmd.action == "throttle" and rate <= 0)):
+        raise BadRecord("bad_rate")
+    try:
+        until = _epoch_s(cmd.expires_at)
+    except ValueError:
+        raise BadRecord("bad_expiry") from None
+    return ValidRecord(expected, cmd, until)
 
 
 class _Entry:
@@ -176,17 +284,18 @@ class _Entry:
     __slots__ = ("cmd", "key", "kind", "tenant", "until", "deny", "shadow", "rank", "rate", "cap", "tokens",
                  "stamp", "decision")
 
-    def __init__(self, cmd: BreakerCommand, key: str, default_rate: float) -> None:
-        self.cmd = cmd
-        self.key = key
+    def __init__(self, rec: ValidRecord, default_rate: float) -> None:
+        cmd = self.cmd = rec.command
+        self.key = rec.key
         self.kind = cmd.scope.kind
         self.tenant = cmd.scope.tenant if cmd.scope.kind in ("route", "tool") else None
-        self.until = _epoch_s(cmd.expires_at)
+        self.until = rec.until
         self.deny = cmd.action in DENY_ACTIONS
         self.shadow = cmd.mode == "shadow"
         self.rank = (_RANK.get(cmd.action, 9), _SCOPE_ORDER.get(cmd.scope.kind, 9))
+        # validate_record and __init__ guarantee a finite rate, > 0 for a throttle
         rate = cmd.rate_limit_per_s if cmd.rate_limit_per_s is not None else default_rate
-        self.rate = max(0.0, float(rate))
+        self.rate = float(rate)
         self.cap = max(1.0, self.rate)
         self.tokens = self.cap if self.rate > 0 else 0.0
         self.stamp: float | None = None
@@ -268,6 +377,9 @@ class BreakerClient:
             self._kafka = kafka_client_kwargs(source)
             self.topic = topic or source.topic_breaker
         self._kafka.update(consumer_kwargs)
+        if (isinstance(default_rate_per_s, bool) or not isinstance(default_rate_per_s, (int, float))
+                or not math.isfinite(default_rate_per_s) or default_rate_per_s <= 0):
+            raise ValueError(f"default_rate_per_s must be a finite number > 0, got {default_rate_per_s!r}")
         self._client_id = client_id
         self._clock = clock
         self._default_rate = default_rate_per_s
@@ -275,6 +387,7 @@ class BreakerClient:
         self._active: dict[str, _Entry] = {}
         self._lock = threading.Lock()  # token buckets only; the dict has one writer (the consumer)
         self.stats = ClientStats()
+        self.rejected: Counter[str] = Counter()  # records refused by validate_record, by reason
         self.last_error: str | None = None
         self._ready = threading.Event()
         self._stopping = False
@@ -290,7 +403,10 @@ class BreakerClient:
     def apply(self, key: bytes | str | None, value: bytes | None) -> str:
         """Apply one record of the breaker topic; returns ``set``, ``removed``, ``expired`` or ``bad``.
 
-        The consumer calls this for every record; tests and tools may call it directly.
+        The consumer calls this for every record; tests and tools may call it directly. It is the
+        only way into the state: a tombstone removes exactly its key, any other record must pass
+        :func:`validate_record` first (``bad``: counted in :attr:`rejected` by reason, and nothing
+        changes for the key).
 
         >>> c = BreakerClient("127.0.0.1:9092", clock=lambda: 0.0)
         >>> c.apply(b"tenant:acme", command_json("trip", "tenant", "acme"))
@@ -299,25 +415,28 @@ class BreakerClient:
         'removed'
         >>> c.apply(b"session:s1", b"{not json"), c.stats.bad
         ('bad', 1)
+        >>> c.apply(b"session:victim", command_json("halt", "session", "other")), c.rejected
+        ('bad', Counter({'not_json': 1, 'key_mismatch': 1}))
         """
         self.stats.records += 1
-        k = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-        if value is None:
+        if value is None:  # a tombstone releases exactly its key
+            try:
+                k = _decode_key(key)
+            except BadRecord as exc:
+                return self._reject(exc.reason, key)
             if k is not None and self._active.pop(k, None) is not None:
                 self.stats.removals += 1
             return "removed"
         try:
-            cmd = BreakerCommand.model_validate_json(value)
-            entry_key = k or f"{cmd.scope.kind}:{cmd.scope.key}"
-            if cmd.action == "release":
-                if self._active.pop(entry_key, None) is not None:
-                    self.stats.removals += 1
-                return "removed"
-            entry = _Entry(cmd, entry_key, self._default_rate)
-        except (ValidationError, ValueError) as exc:
-            self.stats.bad += 1
-            log.warning("breakwater gateway: skipped a bad breaker record (key %r): %s", k, str(exc)[:200])
-            return "bad"
+            rec = validate_record(key, value)
+        except BadRecord as exc:
+            return self._reject(exc.reason, key)
+        cmd, entry_key = rec.command, rec.key
+        if cmd.action == "release":
+            if self._active.pop(entry_key, None) is not None:
+                self.stats.removals += 1
+            return "removed"
+        entry = _Entry(rec, self._default_rate)
         if entry.until is not None and self._clock() >= entry.until:
             # the newest record of this key is over: nothing is active for it
             self._active.pop(entry_key, None)
@@ -329,6 +448,22 @@ class BreakerClient:
         self._active[entry_key] = entry
         self.stats.commands += 1
         return "set"
+
+    def _reject(self, reason: str, key: bytes | str | None) -> str:
+        """Count a refused record; log its reason and its key's length and digest, never content."""
+        self.stats.bad += 1
+        self.rejected[reason] += 1
+        n = self.rejected[reason]
+        if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
+            if key is None:
+                size, digest = 0, "none"
+            else:
+                raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else bytes(key)
+                size, digest = len(raw), hashlib.sha256(raw).hexdigest()[:12]
+            log.warning("breakwater gateway: rejected a breaker record (reason=%s, key_len=%d, key_sha256=%s); "
+                        "%d rejected for this reason so far%s", reason, size, digest, n,
+                        "" if n < _LOG_FIRST else f" (logging one in {_LOG_EVERY} from now on)")
+        return "bad"
 
     def active(self, now: float | None = None) -> dict[str, BreakerCommand]:
         """The commands in force now, by key (a copy; for admin pages and debugging).

@@ -102,6 +102,18 @@ DUPLICATE_SPANS = Counter(
     "their key: input re-delivered after a crash or rebalance (at-least-once), by stage.",
     ["stage"], registry=REGISTRY,
 )
+RESENT_SPANS = Counter(
+    "breakwater_resent_spans",
+    "Spans skipped because their session had already applied a span with the same id (a producer "
+    "re-sent it: at-least-once exporters do), by stage.",
+    ["stage"], registry=REGISTRY,
+)
+IGNORED_VALUES = Counter(
+    "breakwater_ignored_values",
+    "Attribute values ingest refused (non-numeric, negative, non-finite or absurd tokens, costs and "
+    "retry ordinals); the span is kept and the value treated as absent, by feature.",
+    ["feature"], registry=REGISTRY,
+)
 STATE_WRITES = Counter(
     "breakwater_state_writes",
     "Per-key state writes (table + changelog record), by stage: written behind, once per key per commit.",
@@ -143,6 +155,9 @@ def _init_series() -> None:
         STAGE_SPANS.labels(stage=stage)
         STATE_WRITES.labels(stage=stage)
         DUPLICATE_SPANS.labels(stage=stage)
+    RESENT_SPANS.labels(stage="session")
+    for feature in ("cost", "input_tokens", "output_tokens", "cached_tokens", "retry_ordinal"):
+        IGNORED_VALUES.labels(feature=feature)
 
 
 _init_series()

@@ -21,6 +21,8 @@ True
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +119,20 @@ class SessionState:
     implicit: Any = None  # implicit-retry tracker
     retry: Any = None  # session retry storm
     cost: Any = None  # session cost velocity
+    seen: list[int] = field(default_factory=list)  # the last SEEN_IDS span ids applied (60-bit ints)
+
+
+SEEN_IDS = 64
+"""Span ids remembered per session to skip re-sent spans (at-least-once producers re-send): 64
+ids ≈ 2.3 KB of Python objects, 1.3 KB persisted. A duplicate older than the last 64 spans of its
+session is applied again (a re-send arrives within seconds, 64 spans later it is rare)."""
+
+
+def _sid(span_id: str) -> int:
+    try:
+        return int(span_id[-15:], 16)
+    except ValueError:
+        return int.from_bytes(hashlib.blake2b(span_id.encode(), digest_size=8).digest()) >> 4
 
 
 class SessionPipeline:
@@ -133,6 +149,7 @@ class SessionPipeline:
         self.session_retry = retry.SessionRetryStorm(rp.params())
         self.session_cost = cost.SessionCostVelocity(policy.section("cost_velocity", None).params())
         self.prices = policy.price_table()
+        self.duplicates = 0  # spans skipped as already applied (a counter for replay and metrics)
         self.retry_on = policy.mode("retry_storm", None) != "off" or any(
             policy.mode("retry_storm", t) != "off" for t in policy.spec.tenants)
         self.cost_on = policy.mode("cost_velocity", None) != "off" or any(
@@ -150,7 +167,25 @@ class SessionPipeline:
         return SessionState(loop=self._default_loop.new_state(), implicit=self.tracker.new_state(),
                             retry=self.session_retry.new_state(), cost=self.session_cost.new_state())
 
+    def dedup(self, state: SessionState, spans: list[Span]) -> list[Span]:
+        """Drop spans whose id the session applied already (within its last :data:`SEEN_IDS`)."""
+        seen = state.seen
+        fresh: list[Span] = []
+        for s in spans:
+            k = _sid(s.span_id)
+            if k in seen:
+                self.duplicates += 1
+                continue
+            seen.append(k)
+            fresh.append(s)
+        if len(seen) > SEEN_IDS:
+            del seen[: len(seen) - SEEN_IDS]
+        return fresh
+
     def step(self, state: SessionState, spans: list[Span], watermark_ns: int) -> tuple[SessionState, list[Output]]:
+        spans = self.dedup(state, spans)
+        if not spans:
+            return state, []
         findings: list[Finding] = []
         loop_state = state.loop
         loops = self._loops
@@ -229,7 +264,7 @@ class SessionPipeline:
             {"v": STATE_VERSION, "last_seen_ns": state.last_seen_ns,
              "loop": self._default_loop.dump(state.loop), "extra": state.extra,
              "implicit": self.tracker.dump(state.implicit), "retry": self.session_retry.dump(state.retry),
-             "cost": self.session_cost.dump(state.cost)}
+             "cost": self.session_cost.dump(state.cost), "seen": state.seen}
         )
 
     def load(self, data: bytes) -> SessionState:
@@ -238,4 +273,4 @@ class SessionPipeline:
             return self.new_state()
         return SessionState(d["last_seen_ns"], self._default_loop.load(d["loop"]), d.get("extra") or {},
                             self.tracker.load(d["implicit"]), self.session_retry.load(d["retry"]),
-                            self.session_cost.load(d["cost"]))
+                            self.session_cost.load(d["cost"]), list(d.get("seen") or ()))

@@ -160,6 +160,9 @@ class Price(_Strict):
 
 class PolicyFile(_Strict):
     allowed_lateness_s: float = Field(5.0, ge=0)
+    max_clock_skew_s: float = Field(
+        900.0, gt=0, description="a span ending further than this from the wall clock (live) or from the "
+        "stream's median time (replay) is rejected as clock_skew")
     detectors: DetectorPolicies = DetectorPolicies()
     tenants: dict[str, TenantPolicy] = {}
     prices: dict[str, Price] = {}
@@ -220,6 +223,10 @@ class Policy:
             return cls.from_toml(text)
         except PolicyError as exc:
             raise PolicyError(f"policy file {p}: {exc}") from exc
+
+    @property
+    def max_clock_skew_ns(self) -> int:
+        return int(self.spec.max_clock_skew_s * 1e9)
 
     @property
     def allowed_lateness_ns(self) -> int:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable
 
 from streams.ingest import Limits, decode, iter_documents
+from streams.ingest.clock import RobustClock
+from streams.ingest.dialects import BAD_VALUES
 from streams.models import Span
 from streams.stages import MemoryRunner, build_stages, group, merge_forwards
 from streams.pipeline import Output
@@ -56,7 +58,9 @@ class ReplayStats:
     incidents: int = 0
     commands: int = 0
     evicted: int = 0
+    duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    bad_values: Counter[str] = field(default_factory=Counter)
 
 
 class Replayer:
@@ -69,6 +73,7 @@ class Replayer:
         self.pipe = self.stages[0]
         self.max_event_ns = 0
         self.stats = ReplayStats()
+        self.clock = RobustClock(self.policy.max_clock_skew_ns)
 
     @property
     def states(self) -> dict:
@@ -80,7 +85,16 @@ class Replayer:
         return self.max_event_ns - self.policy.allowed_lateness_ns
 
     def feed(self, spans: list[Span]) -> list:
-        """Process one batch (one input document); returns the outputs in event-time order."""
+        """Process one batch (one input document); returns the outputs in event-time order.
+
+        Spans whose time is implausible for the stream (:mod:`streams.ingest.clock`) are counted as
+        ``clock_skew`` rejections and never reach a detector or the watermark."""
+        admit = self.clock.admit
+        kept = [s for s in spans if admit(s.end_ns)]
+        if len(kept) != len(spans):
+            self.stats.rejected["clock_skew"] += len(spans) - len(kept)
+            self.stats.spans += len(spans) - len(kept)
+            spans = kept
         for s in spans:
             if s.end_ns > self.max_event_ns:
                 self.max_event_ns = s.end_ns
@@ -107,6 +121,7 @@ class Replayer:
             outputs.extend(r.finish())
         outputs.sort(key=Output.order)
         self.stats.evicted = sum(r.evicted for r in self.runners)
+        self.stats.duplicates = self.pipe.duplicates
         return outputs
 
 
@@ -131,6 +146,7 @@ def run(
                 if commands_out is not None:
                     commands_out.write(o.value + b"\n")
 
+    bad_before = Counter(BAD_VALUES)
     with young_gc_threshold():
         for fp in inputs:
             for doc in iter_documents(fp):
@@ -141,6 +157,7 @@ def run(
                 if decoded.spans:
                     emit(rep.feed(decoded.spans))
         emit(rep.finish())
+    rep.stats.bad_values = Counter(BAD_VALUES) - bad_before
     return rep.stats
 
 
@@ -149,8 +166,13 @@ def report(stats: ReplayStats, err: BinaryIO | None = None) -> None:
     w = err or sys.stderr.buffer
     rejected = sum(stats.rejected.values())
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.rejected.items()))
+    extra = ""
+    if stats.duplicates:
+        extra += f", {stats.duplicates} duplicate spans skipped"
+    if stats.bad_values:
+        extra += ", values ignored: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.bad_values.items()))
     w.write(
         f"replay: {stats.documents} documents, {stats.spans} spans, {stats.incidents} incidents, "
-        f"{stats.commands} commands, {rejected} rejected{' (' + reasons + ')' if reasons else ''}\n".encode()
+        f"{stats.commands} commands, {rejected} rejected{' (' + reasons + ')' if reasons else ''}{extra}\n".encode()
     )
     w.flush()

@@ -41,6 +41,12 @@ SENSITIVE_KEYS = frozenset(
         "traceloop.entity.input",
         "traceloop.entity.output",
         "llm.prompt_template.variables",
+        # exception and error details carry prompts, keys and paths in practice (the type stays)
+        "exception.message",
+        "exception.stacktrace",
+        "error.message",
+        "error.stack_trace",
+        "litellm.provider.error.stack_trace",
         # pydantic-ai / Logfire
         "tool_arguments",
         "tool_response",

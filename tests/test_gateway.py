@@ -75,7 +75,7 @@ def test_precedence_halt_trip_hold_then_throttle():
 
 def test_tenant_scoped_route_applies_to_its_tenant_only():
     c = client()
-    put(c, "throttle", "route", "openai/gpt-4o", tenant="acme", rate_limit_per_s=0)
+    put(c, "hold", "route", "openai/gpt-4o", tenant="acme")  # a throttle at rate 0 is refused (bad_rate)
     assert not c.check(route="openai/gpt-4o", tenant="acme").allow
     assert c.check(route="openai/gpt-4o", tenant="globex").allow
     assert c.check(route="openai/gpt-4o").allow  # a caller that does not know its tenant
@@ -83,7 +83,7 @@ def test_tenant_scoped_route_applies_to_its_tenant_only():
     put(c, "halt", "session", "s1", tenant="acme")
     assert not c.check(session="s1", tenant="globex").allow
     # a global route command applies to everybody
-    put(c, "throttle", "route", "anthropic/claude", rate_limit_per_s=0)
+    put(c, "hold", "route", "anthropic/claude")
     assert not c.check(route="anthropic/claude", tenant="globex").allow
     assert not c.check(route="anthropic/claude").allow
 
@@ -102,10 +102,9 @@ def test_token_bucket_rate_burst_and_retry_after():
         clock.t += 0.01
         ok += c.check(route="openai/gpt-4o").allow
     assert 49 <= ok <= 51
-    # rate 0: nothing passes and no retry time can be promised
-    put(c, "throttle", "tenant", "acme", rate_limit_per_s=0)
-    d = c.check(tenant="acme")
-    assert not d.allow and d.retry_after_s is None
+    # rate 0 would let nothing through with no retry time to promise: refused (publish a hold)
+    assert put(c, "throttle", "tenant", "acme", rate_limit_per_s=0) == "bad"
+    assert c.check(tenant="acme") is ALLOW and c.rejected["bad_rate"] == 1
 
 
 def test_two_throttles_take_a_token_from_both_or_neither():

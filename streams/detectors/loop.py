@@ -197,11 +197,13 @@ class NoProgressLoop:
 
         # 3. repeats and cycles of tool calls
         if tool_call:
-            lo = t - self._window_ns
-            hi = t + self._window_ns
+            # the window ends at the session's latest time, not at this span's: a late span never
+            # evicts newer calls (it counts if it is inside the window, else it is too old to count)
+            lo = state.last_seen_ns - self._window_ns
             old = state.calls.get(key)
-            calls = [c for c in old if lo <= c[0] <= hi] if old else []
-            calls.append([t, span.span_id, span.trace_id])
+            calls = [c for c in old if lo <= c[0]] if old else []
+            if t >= lo:
+                calls.append([t, span.span_id, span.trace_id])
             threshold = self.p.repeat_threshold * (1 if has_hash else 2)
             if len(calls) > 2 * threshold:
                 del calls[0]

@@ -71,7 +71,11 @@ def decode(payload: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Decoded:
     'oversized'
     """
     try:
-        return _decode(payload, limits)
+        d = _decode(payload, limits)
+        for s in d.spans:  # status messages carry prompts, keys and stack traces: never past ingest
+            if s.status_message:
+                s.status_message = ""
+        return d
     except Exception as e:  # defensive: decode() must never raise
         return Decoded([], [Rejection("internal_error", f"decoder error ({type(e).__name__})")],
                        "unknown")

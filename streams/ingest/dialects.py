@@ -30,7 +30,10 @@ the README matches it).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -255,7 +258,43 @@ for _d in (LEGACY, OI, OLL, PAI, LITELLM, LS):
     DERIVED.setdefault((_d, "cost"), "else tokens × prices")
 
 MUTATION_CLASSES = frozenset({"mutation", "non_idempotent_mutation", "high_risk_mutation"})
-MAX_TOKENS = 1 << 40  # tokens beyond this are no count (a corrupt or hostile value)
+MAX_TOKENS = 10**9  # tokens per span beyond this are no count (a corrupt or hostile value)
+MAX_SPAN_COST_USD = 1e5  # a reported cost per span beyond this is no cost (1e300 would overflow sums)
+MAX_ORDINAL = 10**6
+MAX_IDENT = 128  # identifiers that can reach incidents (tool, session, route parts…) are capped here
+
+BAD_VALUES: Counter[str] = Counter()
+"""Values ingest refused, by feature (non-numeric, negative, non-finite or absurd numbers): the
+span is kept, the value is treated as absent. Replay reports them; the worker exports them."""
+
+# Secret-shaped tokens that must not become an identifier in an incident (API keys, bearer tokens,
+# JWTs, cloud keys): the identifier is replaced by a hash of itself.
+_SECRET = re.compile(
+    r"(?:\bsk-[A-Za-z0-9_-]{8,}|\bBearer\s+\S{8,}|\beyJ[A-Za-z0-9_-]{10,}\.|\bAKIA[0-9A-Z]{12,}"
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{20,})"
+).search
+
+
+def _digest(s: str) -> str:
+    return hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+
+
+def ident(v: Any) -> str | None:
+    """An identifier safe to put in an incident: at most ``MAX_IDENT`` characters (a longer one
+    keeps its head and a hash of the whole), and never a secret-shaped token (replaced by
+    ``redacted-<hash>``).
+
+    >>> ident("search"), len(ident("x" * 10_000)), ident("key sk-proj-abcdefghijkl")
+    ('search', 128, 'redacted-f4d59d091637')
+    """
+    if v is None:
+        return None
+    s = v if type(v) is str else str(v)
+    if len(s) > 16 and _SECRET(s):
+        return "redacted-" + _digest(s)
+    if len(s) > MAX_IDENT:
+        return s[: MAX_IDENT - 14] + "~" + _digest(s) + "~"
+    return s
 
 _K = {f: tuple(k for _, k in srcs) for f, srcs in FEATURES.items()}
 _MARKERS = tuple((k, m) for _, k, m in KIND_MARKERS)
@@ -370,47 +409,58 @@ def _str(v: Any) -> str | None:
     return v if type(v) is str else str(v)
 
 
-def _count(v: Any) -> int:
-    """A non-negative token count, or 0 (non-numeric, negative, non-finite or absurd values)."""
+def _count(v: Any, feature: str) -> int:
+    """A non-negative token count, or 0 (non-numeric, negative, non-finite or absurd values are
+    counted in :data:`BAD_VALUES`)."""
+    if v is None:
+        return 0
     t = type(v)
-    if t is int:
-        return v if 0 <= v < MAX_TOKENS else 0
+    if t is int and 0 <= v <= MAX_TOKENS:
+        return v
     if t is float or t is str:
         try:
             f = float(v)
         except ValueError:
-            return 0
-        return int(f) if 0 <= f < MAX_TOKENS else 0
+            f = -1.0
+        if 0 <= f <= MAX_TOKENS:
+            return int(f)
+    BAD_VALUES[feature] += 1
     return 0
 
 
 def _money(v: Any) -> float | None:
-    t = type(v)
-    if t is bool or v is None:
+    if v is None:
         return None
+    t = type(v)
+    f = -1.0
     if t is int or t is float:
-        f = float(v)
+        f = float(v) if v < 1e300 or t is float else -1.0
     elif t is str:
         try:
             f = float(v)
         except ValueError:
-            return None
-    else:
-        return None
-    return f if 0 <= f and math.isfinite(f) else None
+            pass
+    if 0 <= f <= MAX_SPAN_COST_USD and math.isfinite(f):
+        return f
+    BAD_VALUES["cost"] += 1
+    return None
 
 
 def _ordinal(v: Any) -> int:
+    if v is None:
+        return -1
     t = type(v)
-    if t is bool or v is None:
-        return -1
-    if t is int:
-        return v if v >= 0 else -1
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return -1
-    return int(f) if 0 <= f < MAX_TOKENS else -1
+    if t is int and 0 <= v <= MAX_ORDINAL:
+        return v
+    if t is not bool:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = -1.0
+        if 0 <= f <= MAX_ORDINAL:
+            return int(f)
+    BAD_VALUES["retry_ordinal"] += 1
+    return -1
 
 
 def operation_of(a: dict[str, Any], r: dict[str, Any]) -> str | None:
@@ -484,18 +534,18 @@ def extract(a: dict[str, Any], r: dict[str, Any], status: str, name: str, trace_
     approval = a.get("approval.status")
     sh = a.get("agent.state_hash")
     return Features(
-        _str(session) if session is not None else trace_id,
-        _str(tenant),
-        _str(workflow) if workflow is not None else trace_id,
-        op,
-        _str(tool),
-        _str(a.get("tool.payload_hash")),
-        _str(provider),
-        _str(_first(_REQ, a) or _invocation_model(a) or a.get("llm.model_name")),
-        _str(_first(_RESP, a)),
-        _count(_first(_IN, a)),
-        _count(_first(_OUT, a)),
-        _count(_first(_CACHED, a)),
+        ident(session) if session is not None else trace_id,
+        ident(tenant),
+        ident(workflow) if workflow is not None else trace_id,
+        ident(op),
+        ident(tool),
+        ident(a.get("tool.payload_hash")),
+        ident(provider),
+        ident(_first(_REQ, a) or _invocation_model(a) or a.get("llm.model_name")),
+        ident(_first(_RESP, a)),
+        _count(_first(_IN, a), "input_tokens"),
+        _count(_first(_OUT, a), "output_tokens"),
+        _count(_first(_CACHED, a), "cached_tokens"),
         _money(_first(_COST, a)),
         resend,
         attempt,
@@ -503,9 +553,9 @@ def extract(a: dict[str, Any], r: dict[str, Any], status: str, name: str, trace_
         or (bool(events) and any(e.name == "exception" for e in events)),
         type(ac) is str and ac in MUTATION_CLASSES,
         type(vs) is str and vs.lower() == "verified",
-        str(outcome).lower() if outcome is not None and outcome != "" else None,
-        str(approval).upper() if approval is not None and approval != "" else None,
-        _str(sh),
+        ident(str(outcome).lower()) if outcome is not None and outcome != "" else None,
+        ident(str(approval).upper()) if approval is not None and approval != "" else None,
+        ident(sh),
     )
 
 

@@ -1,0 +1,55 @@
+"""Hostile values against a live worker on the embedded broker: a span dated in 2100 goes to the
+dead-letter topic as ``clock_skew`` and does not release the partition's halts; a re-sent span is
+one call, not two (the same cores as replay, ``tests/test_abuse.py``, behind the real ingest)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import orjson
+import pytest
+
+from tests.kafka import collect, produce
+
+pytestmark = pytest.mark.broker
+S = 10**9
+
+
+def call(i, t_ns, session, tool="search", args='{"q": 1}'):
+    return {"trace_id": uuid.uuid4().hex, "span_id": f"{i:016x}", "name": f"execute_tool {tool}",
+            "start_time_unix_nano": t_ns - S // 10, "end_time_unix_nano": t_ns, "status": {"code": "OK"},
+            "attributes": {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool,
+                           "gen_ai.tool.call.arguments": args, "gen_ai.conversation.id": session},
+            "resource": {"service.name": "svc"}}
+
+
+def test_a_span_from_2100_is_routed_and_halts_stay_in_force(isolated):
+    settings, start_worker = isolated
+    start_worker()
+    tag = uuid.uuid4().hex[:6]
+    now = time.time_ns()
+    loop_a, dup, evil = f"a-{tag}", f"dup-{tag}", f"evil-{tag}"
+    msgs = []
+    # a real loop: halted
+    msgs += [(loop_a.encode(), orjson.dumps(call(100 + i, now + i * S // 10, loop_a))) for i in range(3)]
+    # one span dated in 2100 on the same partition key space
+    msgs.append((evil.encode(), orjson.dumps(call(999, 4_102_444_800 * S, evil, tool="x"))))
+    # two distinct calls, each re-sent (at-least-once): two calls, not a loop
+    a, b = call(200, now + S // 2, dup), call(201, now + S // 2 + 1000, dup)
+    msgs += [(dup.encode(), orjson.dumps(x)) for x in (a, a, b, b)]
+    asyncio.run(produce(settings.bootstrap_servers, settings.topic_spans, msgs))
+
+    dlq = asyncio.run(collect(settings.bootstrap_servers, settings.topic_dlq, lambda rs: len(rs) >= 1, 45))
+    assert [dict(m.headers)["error.reason"] for m in dlq] == [b"clock_skew"]
+    assert b"execute_tool x" in dlq[0].value  # the original bytes, for inspection
+    incs = asyncio.run(collect(settings.bootstrap_servers, settings.topic_incidents,
+                               lambda rs: any(orjson.loads(m.value)["session_id"] == loop_a for m in rs), 45))
+    opened = {orjson.loads(m.value)["session_id"] for m in incs if orjson.loads(m.value)["status"] == "open"}
+    assert loop_a in opened and dup not in opened
+    time.sleep(3)  # several watermark ticks: with the 2100 span counted, the halt would be released now
+    cmds = [orjson.loads(m.value) for m in asyncio.run(
+        collect(settings.bootstrap_servers, settings.topic_breaker, lambda rs: False, 3))]
+    mine = [c for c in cmds if c["scope"]["key"] == loop_a]
+    assert [c["action"] for c in mine] == ["halt"], mine
