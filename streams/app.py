@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import heapq
 import logging
 import time
@@ -197,7 +198,8 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                    app.Table(STAGE_TABLES[stage.name], default=None, key_type=bytes, value_type=bytes,
                              partitions=n_parts, options=rocksdb_options(settings)),
                    n_parts, lateness_ns, idle_ttl_ns(policy, stage.name), publish,
-                   settings.batch_max, settings.batch_within_s, settings.max_keys_per_partition)
+                   settings.batch_max, settings.batch_within_s, settings.max_keys_per_partition,
+                   settings.max_state_bytes)
         for stage in build_stages(policy)
     ]
 
@@ -216,23 +218,62 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
             w.reset()
 
     async def send_dlq(ev: Any, rejections: list) -> None:
+        """Route a rejected message: its original bytes (truncated to ``DLQ_VALUE_BYTES``, with
+        ``error.truncated`` and ``error.original_bytes`` headers) and the reasons. A send that
+        fails is counted and logged without content; it never stops ingest."""
         first = rejections[0]
         detail = "; ".join(
             (f"span {r.index}: " if r.index is not None else "") + r.detail for r in rejections[:20]
         )[:1000]
         msg = ev.message
-        await dlq.send(
-            key=ev.key,
-            value=ev.value if ev.value is not None else b"",
-            headers=[
-                ("error.reason", first.reason.encode()),
-                ("error.detail", detail.encode()),
-                ("error.count", str(len(rejections)).encode()),
-                ("source.topic", msg.topic.encode()),
-                ("source.partition", str(msg.partition).encode()),
-                ("source.offset", str(msg.offset).encode()),
-            ],
-        )
+        value = ev.value if ev.value is not None else b""
+        headers = [
+            ("error.reason", first.reason.encode()),
+            ("error.detail", detail.encode()),
+            ("error.count", str(len(rejections)).encode()),
+            ("source.topic", msg.topic.encode()),
+            ("source.partition", str(msg.partition).encode()),
+            ("source.offset", str(msg.offset).encode()),
+        ]
+        if len(value) > DLQ_VALUE_BYTES:
+            headers += [("error.truncated", b"1"), ("error.original_bytes", str(len(value)).encode())]
+            value = value[:DLQ_VALUE_BYTES]
+        key = ev.key if ev.key is None or len(ev.key) <= 4096 else ev.key[:4096]
+        try:
+            await dlq.send(key=key, value=value, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - a DLQ failure must not lose the batch
+            metrics.DLQ_FAILURES.inc()
+            log.error("ingest: DLQ send failed for %s[%d]@%d (%s, %d bytes)", msg.topic, msg.partition,
+                      msg.offset, type(exc).__name__, len(value))
+
+    chunked: dict[int, Any] = {}  # id(span) -> wire, for spans of big messages
+    chunk_of: dict[int, int] = {}  # id(span) -> internal offset (input offset << CHUNK_BITS | chunk)
+
+    async def big_message(ev: Any, spans_: list[Span], source: dict) -> list[Span]:
+        """A big message's spans: each measured once; one over ``SPAN_WIRE_BYTES`` is rejected
+        (``oversized_span``, counted, the message to the DLQ); the rest are numbered in chunks of
+        about ``PACK_BYTES``, so no internal message outgrows the record budget."""
+        kept: list[Span] = []
+        bad: list[Rejection] = []
+        chunk, size = 0, 0
+        for i, s in enumerate(spans_):
+            wire = s.to_wire()
+            n = len(orjson.dumps(wire))
+            if n > SPAN_WIRE_BYTES:
+                bad.append(Rejection("oversized_span", f"span is {n} bytes normalized, more than {SPAN_WIRE_BYTES}", i))
+                source.pop(id(s), None)
+                continue
+            if size and size + n > PACK_BYTES and chunk < (1 << CHUNK_BITS) - 1:
+                chunk, size = chunk + 1, 0
+            size += n
+            chunked[id(s)] = wire
+            chunk_of[id(s)] = (ev.message.offset << CHUNK_BITS) | chunk
+            kept.append(s)
+        if bad:
+            for r in bad:
+                metrics.REJECTIONS.labels(reason=r.reason).inc()
+            await send_dlq(ev, bad)
+        return kept
 
     @app.agent(inputs, name="ingest")
     async def ingest(stream: Any) -> None:
@@ -240,6 +281,8 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
             t0 = time.perf_counter()
             spans: list[Span] = []
             source: dict[int, tuple[str, int]] = {}  # id(span) -> its input message
+            chunked.clear()
+            chunk_of.clear()
             for ev in events:
                 try:
                     d = decode(ev.value or b"", limits=limits)
@@ -264,10 +307,12 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                     src = (f"{ev.message.topic}/{ev.message.partition}", ev.message.offset)
                     for s in good:
                         source[id(s)] = src
+                    if ev.value is not None and len(ev.value) > BIG_MESSAGE:
+                        good = await big_message(ev, good, source)
                     spans.extend(good)
             # one message per stage partition per batch ({key: spans}), not one per key: a faust
             # send and a faust event each cost ≈ 0.2 ms, a batch holds thousands of keys (SPEC §9)
-            wires: dict[int, Any] = {}
+            wires: dict[int, Any] = chunked  # big messages' spans have their wires already
             for w in wired:
                 parts: dict[int, dict[str, list]] = {}
                 for key, group_spans in group(w.stage, spans).items():
@@ -277,6 +322,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                         if wire is None:
                             wire = wires[id(s)] = s.to_wire()
                         src, off = source[id(s)]
+                        off = chunk_of.get(id(s), off << CHUNK_BITS)
                         if payload and payload[-1][1] == off and payload[-1][0] == src:
                             payload[-1][2].append(wire)
                         else:
@@ -335,6 +381,15 @@ def _fetch_wait_consumer(fetch_max_wait_ms: int) -> type:
 
     return Consumer
 PACK_BYTES = 256 * 1024  # internal messages stay well under the producer's request size
+
+# One size budget from input to every output (the producer's request size is faust's default,
+# 1,000,000 bytes, which a default Kafka broker also accepts):
+RECORD_BYTES = 1_000_000
+DLQ_VALUE_BYTES = RECORD_BYTES - 64 * 1024  # a longer original is truncated, and its headers say so
+SPAN_WIRE_BYTES = RECORD_BYTES - 64 * 1024  # a span bigger than this on the internal topics: rejected
+STATE_BYTES = RECORD_BYTES // 2  # a state bigger than this is reset (counted), never written
+BIG_MESSAGE = PACK_BYTES // 2  # spans of messages above this are measured and chunked
+CHUNK_BITS = 10  # internal offsets are ``input offset << CHUNK_BITS | chunk`` (a big message in chunks)
 
 
 def pack_keyed(head: bytes, items: Iterable[tuple[str, list]], budget: int = PACK_BYTES) -> Iterator[bytes]:
@@ -395,8 +450,9 @@ class KeyedStage:
 
     def __init__(self, app: faust.App, stage: Any, topic: Any, table: Any, n_parts: int,
                  lateness_ns: int, idle_ns: int, publish: Any, batch_max: int = 2000,
-                 batch_within_s: float = 0.05, max_keys: int = 0) -> None:
+                 batch_within_s: float = 0.05, max_keys: int = 0, max_state_bytes: int = STATE_BYTES) -> None:
         self.app = app
+        self.max_state_bytes = max_state_bytes
         self.max_keys = max_keys  # per partition; 0 = TTL only
         self.batch_max = batch_max
         self.batch_within_s = batch_within_s
@@ -456,10 +512,33 @@ class KeyedStage:
         return st
 
     def encode(self, key: bytes, st: Any) -> bytes:
-        """The stored value: ``H{source: offset}\n`` (when the key has input offsets) + the state."""
+        """The stored value: ``H{source: offset}\n`` (when the key has input offsets) + the state.
+
+        A state over ``max_state_bytes`` is never written (its changelog record could outgrow the
+        record budget and stop the worker): the key starts afresh, keeping the breakers it has in
+        force so their releases still come, and the reset is counted and logged (key hash, size)."""
         hw = self.hw.get(key)
         raw = self.stage.dump(st)
+        if len(raw) > self.max_state_bytes:
+            st = self.reset_oversized(key, st, len(raw))
+            raw = self.stage.dump(st)
         return b"H" + orjson.dumps(hw) + b"\n" + raw if hw else raw
+
+    def reset_oversized(self, key: bytes, st: Any, size: int) -> Any:
+        new = self.stage.new_state()
+        extra = getattr(st, "extra", None)  # a session: its breakers live in extra["breakers"]
+        if isinstance(extra, dict) and extra.get("breakers"):
+            new.extra["breakers"] = extra["breakers"]
+        if getattr(st, "breakers", None):  # other stages: StageState.breakers
+            new.breakers = st.breakers
+        for attr in ("last_seen_ns",):
+            if hasattr(st, attr) and hasattr(new, attr):
+                setattr(new, attr, getattr(st, attr))
+        self.cache[key] = new
+        metrics.OVERSIZED_STATES.labels(stage=self.stage.name).inc()
+        log.warning("%s: state of key #%s is %d bytes (max_state_bytes %d): reset", self.stage.name,
+                    hashlib.sha256(key).hexdigest()[:12], size, self.max_state_bytes)
+        return new
 
     async def put_state(self, part: int, key: bytes, st: Any, outs: list = ()) -> None:  # type: ignore[assignment]
         """Keep ``st`` as ``key``'s state and send ``outs``; the state is written behind, unless

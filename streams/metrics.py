@@ -102,6 +102,18 @@ DUPLICATE_SPANS = Counter(
     "their key: input re-delivered after a crash or rebalance (at-least-once), by stage.",
     ["stage"], registry=REGISTRY,
 )
+DLQ_FAILURES = Counter(
+    "breakwater_dlq_failures",
+    "Rejected input that could not be written to the DLQ (counted and logged without content; ingest "
+    "goes on with the rest of the batch).",
+    registry=REGISTRY,
+)
+OVERSIZED_STATES = Counter(
+    "breakwater_oversized_states",
+    "Per-key states over the state size budget: reset (the key starts afresh, its breakers in force "
+    "kept) instead of written, by stage.",
+    ["stage"], registry=REGISTRY,
+)
 RESENT_SPANS = Counter(
     "breakwater_resent_spans",
     "Spans skipped because their session had already applied a span with the same id (a producer "

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Live mode: how often timers also advance on wall clock (s)."
     )
     max_message_bytes: int = Field(1_048_576, ge=1024, description="Larger input messages go to the DLQ.")
+    max_state_bytes: int = Field(
+        500_000, ge=1024, le=900_000,
+        description="A per-key state larger than this (serialized) is reset, counted, and never written: "
+        "the changelog record stays under the 1,000,000-byte record budget.")
     state_memory_mb: int = Field(
         8, ge=2,
         description="RocksDB memory per stage table partition (MiB): half write buffers, half block "

@@ -53,3 +53,53 @@ def test_a_span_from_2100_is_routed_and_halts_stay_in_force(isolated):
         collect(settings.bootstrap_servers, settings.topic_breaker, lambda rs: False, 3))]
     mine = [c for c in cmds if c["scope"]["key"] == loop_a]
     assert [c["action"] for c in mine] == ["halt"], mine
+
+
+def test_messages_between_the_size_limits_are_routed_and_nothing_else_is_lost(isolated):
+    """An invalid message just under the input limit but over the record budget goes to the DLQ
+    truncated (headers say so); a valid ≈1 MB span is rejected as oversized_span; a loop sent in
+    the same burst is still found; the worker keeps running."""
+    settings, start_worker = isolated
+    w = start_worker()
+    tag = uuid.uuid4().hex[:6]
+    now = time.time_ns()
+    loop = f"burst-{tag}"
+    invalid = b"[" + b" " * 1_040_000 + b"{oops"  # 1,040,006 bytes: accepted size, bad JSON
+    big = call(300, now, f"big-{tag}")
+    big["attributes"].update({f"blob.{i}": "z" * 65_000 for i in range(15)})  # ≈ 975 KB normalized
+    big_bytes = orjson.dumps(big)
+    assert 900_000 < len(big_bytes) < settings.max_message_bytes
+    msgs = [(b"bad-" + tag.encode(), invalid), (b"big-" + tag.encode(), big_bytes)]
+    msgs += [(loop.encode(), orjson.dumps(call(400 + i, now + i * S // 10, loop))) for i in range(3)]
+    asyncio.run(produce(settings.bootstrap_servers, settings.topic_spans, msgs))
+    incs = asyncio.run(collect(settings.bootstrap_servers, settings.topic_incidents,
+                               lambda rs: any(orjson.loads(m.value)["session_id"] == loop for m in rs), 45))
+    assert any(orjson.loads(m.value)["session_id"] == loop for m in incs)
+    dlq = asyncio.run(collect(settings.bootstrap_servers, settings.topic_dlq, lambda rs: len(rs) >= 2, 30))
+    by_reason = {dict(m.headers)["error.reason"]: m for m in dlq}
+    assert set(by_reason) == {b"bad_json", b"oversized_span"}
+    h = dict(by_reason[b"bad_json"].headers)
+    assert h["error.truncated"] == b"1" and int(h["error.original_bytes"]) == len(invalid)
+    assert len(by_reason[b"bad_json"].value) < len(invalid)
+    assert w.proc.poll() is None  # still running
+
+
+def test_a_state_over_its_budget_is_reset_never_written_and_detection_goes_on(isolated):
+    settings, start_worker = isolated
+    w = start_worker(extra_env={"BREAKWATER_MAX_STATE_BYTES": "4096"})
+    tag = uuid.uuid4().hex[:6]
+    now = time.time_ns()
+    s = f"wide-{tag}"
+    msgs = [(s.encode(), orjson.dumps([call(500 + i, now + i * 1000, s, tool=f"tool{i:03d}" + "n" * 100)
+                                       for i in range(60)]))]
+    asyncio.run(produce(settings.bootstrap_servers, settings.topic_spans, msgs))
+    time.sleep(3)  # a commit: the oversized state is reset instead of written
+    later = now + 5 * S
+    msgs = [(s.encode(), orjson.dumps(call(600 + i, later + i * S // 10, s))) for i in range(3)]
+    asyncio.run(produce(settings.bootstrap_servers, settings.topic_spans, msgs))
+    incs = asyncio.run(collect(settings.bootstrap_servers, settings.topic_incidents,
+                               lambda rs: any(orjson.loads(m.value)["session_id"] == s for m in rs), 45))
+    assert any(orjson.loads(m.value)["session_id"] == s and orjson.loads(m.value)["status"] == "open"
+               for m in incs)
+    assert w.proc.poll() is None
+    assert "max_state_bytes 4096" in w.log_text() and "reset" in w.log_text()
