@@ -177,6 +177,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
     limits = Limits(max_message_bytes=settings.max_message_bytes)
     lateness_ns = policy.allowed_lateness_ns
     max_skew_ns = policy.max_clock_skew_ns
+    max_age_ns = policy.max_span_age_ns
     n_parts = settings.partitions
 
     async def publish(outs: list) -> list:
@@ -199,7 +200,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                              partitions=n_parts, options=rocksdb_options(settings)),
                    n_parts, lateness_ns, idle_ttl_ns(policy, stage.name), publish,
                    settings.batch_max, settings.batch_within_s, settings.max_keys_per_partition,
-                   settings.max_state_bytes)
+                   settings.max_state_bytes, idle_of(stage.name, idle_ttl_ns(policy, stage.name)))
         for stage in build_stages(policy)
     ]
 
@@ -294,8 +295,10 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                     continue
                 rejections = d.rejections
                 good = d.spans
+                if not good and not rejections:
+                    metrics.EMPTY_MESSAGES.inc()
                 if good:  # event-time plausibility against the wall clock (streams.ingest.clock)
-                    good, skewed = check_wall(good, time.time_ns(), max_skew_ns)
+                    good, skewed = check_wall(good, time.time_ns(), max_skew_ns, max_age_ns)
                     if skewed:
                         rejections = rejections + skewed
                 if rejections:
@@ -427,9 +430,20 @@ def idle_ttl_ns(policy: Policy, stage: str) -> int:
     if stage == "trace":
         return int((policy.max_ttl_s("silent_success", "orphan_ttl_s")
                     + policy.max_ttl_s("silent_success", "retention_s")) * 1e9)
-    if stage == "scope":
+    if stage == "scope":  # tenants keep their learned spend baseline through quiet hours
         return int(max(policy.max_ttl_s("cost_velocity", "tenant_breaker_ttl_s"), 21600.0) * 1e9)
     return int(policy.max_ttl_s("plan_deadlock", "workflow_ttl_s") * 1e9)
+
+
+ROUTE_IDLE_NS = 600 * 10**9  # a route's window is 60 s: 10 min of silence and its state can go
+
+
+def idle_of(stage: str, idle_ns: int) -> Any:
+    """Per-key idle bound: the scope stage's route keys go after :data:`ROUTE_IDLE_NS` of silence
+    (a route holds a 60-s window), its tenant keys after ``idle_ns`` (6 h: the baseline)."""
+    if stage != "scope":
+        return None
+    return lambda key: ROUTE_IDLE_NS if key.startswith(b"route:") else idle_ns
 
 
 class KeyedStage:
@@ -450,9 +464,11 @@ class KeyedStage:
 
     def __init__(self, app: faust.App, stage: Any, topic: Any, table: Any, n_parts: int,
                  lateness_ns: int, idle_ns: int, publish: Any, batch_max: int = 2000,
-                 batch_within_s: float = 0.05, max_keys: int = 0, max_state_bytes: int = STATE_BYTES) -> None:
+                 batch_within_s: float = 0.05, max_keys: int = 0, max_state_bytes: int = STATE_BYTES,
+                 idle_of: Any = None) -> None:
         self.app = app
         self.max_state_bytes = max_state_bytes
+        self.idle_of = idle_of  # key -> idle bound (ns), when keys of one stage differ
         self.max_keys = max_keys  # per partition; 0 = TTL only
         self.batch_max = batch_max
         self.batch_within_s = batch_within_s
@@ -625,8 +641,24 @@ class KeyedStage:
         for od in self.index.values():
             for k, _ in sorted(od.items(), key=lambda kv: kv[1]):
                 od.move_to_end(k)
-        metrics.set_tracked_keys(stage.name, found)
+        self.report_keys()
         self.needs_scan = False
+
+    def report_keys(self) -> None:
+        """Tracked-keys gauges; the scope stage's keys by kind (``route:…`` / ``tenant:…``)."""
+        if self.stage.name == "scope":
+            n = {"route": 0, "tenant": 0}
+            for od in self.index.values():
+                for k in od:
+                    kind = k[:6]
+                    if kind == b"route:":
+                        n["route"] += 1
+                    elif kind == b"tenant":
+                        n["tenant"] += 1
+            metrics.set_tracked_keys("route", n["route"])
+            metrics.set_tracked_keys("tenant", n["tenant"])
+        else:
+            metrics.set_tracked_keys(self.stage.name, sum(len(v) for v in self.index.values()))
 
     async def process(self, events: list) -> None:
         t0 = time.perf_counter()
@@ -657,7 +689,7 @@ class KeyedStage:
                     await fwd.topic.send(key=None, value=value, partition=fpart)
         self._forwards = {}
         metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - t0)
-        metrics.set_tracked_keys(self.stage.name, sum(len(v) for v in self.index.values()))
+        self.report_keys()
 
     async def process_partition(self, part: int, evs: list) -> None:
         stage, table = self.stage, self.table
@@ -739,6 +771,7 @@ class KeyedStage:
             st = self.get_state(key)
             if st is None:
                 st = stage.new_state()
+                metrics.NEW_KEYS.labels(stage=stage.name).inc()
             if step_key is not None:
                 st, outs = step_key(st, key.decode(), items, wm)
             else:
@@ -786,11 +819,17 @@ class KeyedStage:
         if wm >= self.next_sweep.get(part, 0):
             self.next_sweep[part] = wm + 10**10
             evicted = 0
+            idle_of = self.idle_of
+            min_idle = min(self.idle_ns, ROUTE_IDLE_NS) if idle_of is not None else self.idle_ns
+            younger: list[tuple[bytes, int]] = []  # idle, but not for their own (longer) bound
             while idx:
                 key, last = next(iter(idx.items()))
-                if last + self.idle_ns >= wm:
+                if last + min_idle >= wm:
                     break
                 idx.popitem(last=False)
+                if idle_of is not None and last + idle_of(key) >= wm:
+                    younger.append((key, last))
+                    continue
                 st = self.get_state(key)
                 if st is None:
                     continue
@@ -802,6 +841,9 @@ class KeyedStage:
                 else:  # still alive (a timer pending): keep it, at the back
                     await self.put_state(part, key, st, outs)
                     idx[key] = stage.last_seen(st)
+            for key, last in reversed(younger):  # back at the front, in their order
+                idx[key] = last
+                idx.move_to_end(key, last=False)
             if evicted:
                 metrics.EVICTIONS.labels(scope=stage.name).inc(evicted)
         if self.max_keys and len(idx) > self.max_keys:

@@ -38,7 +38,7 @@ DETECTORS: dict[str, str] = {
     "silent_success": "trace",
 }
 #: Detectors whose state lives in the live worker's session table today.
-SESSION_TABLE_DETECTORS: tuple[str, ...] = ("no_progress_loop",)
+SESSION_TABLE_DETECTORS: tuple[str, ...] = ("no_progress_loop", "retry_storm", "cost_velocity")
 FORMATS = ("flat", "otlp_json", "otlp_proto")
 REJECTION_REASONS = (
     "oversized", "not_utf8", "bad_json", "bad_otlp", "bad_span", "bad_id", "bad_timestamp",
@@ -81,6 +81,12 @@ TRACKED_KEYS = Gauge(
     "breakwater_tracked_keys", "Keys with detector state in this worker, by detector and scope.",
     ["detector", "scope"], registry=REGISTRY,
 )
+NEW_KEYS = Counter(
+    "breakwater_new_keys",
+    "Keys this worker started state for, by stage: its rate is the key cardinality the worker pays "
+    "for (each new key costs a state read and write; README \"Cardinality\").",
+    ["stage"], registry=REGISTRY,
+)
 EVICTIONS = Counter(
     "breakwater_state_evictions",
     "Per-key states evicted after their TTL (event time) or, least recently seen first, past the per-partition "
@@ -113,6 +119,12 @@ OVERSIZED_STATES = Counter(
     "Per-key states over the state size budget: reset (the key starts afresh, its breakers in force "
     "kept) instead of written, by stage.",
     ["stage"], registry=REGISTRY,
+)
+EMPTY_MESSAGES = Counter(
+    "breakwater_empty_messages",
+    "Input messages that carried no span and nothing to reject: empty values, tombstones, empty "
+    "arrays, OTLP requests with zero spans (counted, then skipped).",
+    registry=REGISTRY,
 )
 RESENT_SPANS = Counter(
     "breakwater_resent_spans",
@@ -167,6 +179,7 @@ def _init_series() -> None:
         STAGE_SPANS.labels(stage=stage)
         STATE_WRITES.labels(stage=stage)
         DUPLICATE_SPANS.labels(stage=stage)
+        NEW_KEYS.labels(stage=stage)
     RESENT_SPANS.labels(stage="session")
     for feature in ("cost", "input_tokens", "output_tokens", "cached_tokens", "retry_ordinal"):
         IGNORED_VALUES.labels(feature=feature)
@@ -199,7 +212,8 @@ def set_tracked_keys(scope: str, n: int) -> None:
     >>> TRACKED_KEYS.labels("no_progress_loop", "session")._value.get()
     3.0
     """
-    detectors = SESSION_TABLE_DETECTORS if scope == "session" else [d for d, s in DETECTORS.items() if s == scope]
+    detectors = SESSION_TABLE_DETECTORS if scope == "session" else (
+        ["cost_velocity"] if scope == "tenant" else [d for d, s in DETECTORS.items() if s == scope])
     for d in detectors:
         TRACKED_KEYS.labels(detector=d, scope=scope).set(n)
 

@@ -161,8 +161,12 @@ class Price(_Strict):
 class PolicyFile(_Strict):
     allowed_lateness_s: float = Field(5.0, ge=0)
     max_clock_skew_s: float = Field(
-        900.0, gt=0, description="a span ending further than this from the wall clock (live) or from the "
+        900.0, gt=0, description="a span ending further than this AHEAD of the wall clock (live) or of the "
         "stream's median time (replay) is rejected as clock_skew")
+    max_span_age_s: float = Field(
+        86400.0, gt=0, description="a span ending further than this BEHIND the wall clock (live) or the "
+        "stream's median time (replay) is rejected as clock_skew; a later one is late data, judged by "
+        "each detector's own window")
     detectors: DetectorPolicies = DetectorPolicies()
     tenants: dict[str, TenantPolicy] = {}
     prices: dict[str, Price] = {}
@@ -227,6 +231,10 @@ class Policy:
     @property
     def max_clock_skew_ns(self) -> int:
         return int(self.spec.max_clock_skew_s * 1e9)
+
+    @property
+    def max_span_age_ns(self) -> int:
+        return int(self.spec.max_span_age_s * 1e9)
 
     @property
     def allowed_lateness_ns(self) -> int:

@@ -73,7 +73,7 @@ class Replayer:
         self.pipe = self.stages[0]
         self.max_event_ns = 0
         self.stats = ReplayStats()
-        self.clock = RobustClock(self.policy.max_clock_skew_ns)
+        self.clock = RobustClock(self.policy.max_clock_skew_ns, self.policy.max_span_age_ns)
 
     @property
     def states(self) -> dict:

@@ -104,12 +104,13 @@ def test_one_span_dated_2100_does_not_release_every_halt():
 
 
 def test_a_call_stamped_far_off_does_not_hide_a_loop():
-    for off in (-T0, -3600 * S, 3600 * S):  # at 0, an hour ago, an hour ahead
+    # at 0 and an hour ahead: outliers (rejected); an hour ago: late data, too old for the window
+    for off, rejected in ((-T0, 1), (-3600 * S, 0), (3600 * S, 1)):
         docs = [flat(1, T0 + S), flat(2, T0 + 2 * S), flat(3, T0 + 3 * S + off), flat(4, T0 + 4 * S)]
         incidents, _, stats = replay_docs([flat(100 + j, T0 + j * S // 10, session="other", tool=f"t{j}")
                                            for j in range(1, 9)] + docs)
         assert len(opened(incidents)) == 1, off
-        assert stats.rejected["clock_skew"] == 1, off
+        assert stats.rejected["clock_skew"] == rejected, off
 
 
 def test_a_late_call_inside_the_window_still_counts():
@@ -169,3 +170,19 @@ def test_many_distinct_huge_tool_names_keep_the_session_state_small():
         rep.feed(dec(orjson.dumps(flat(i + 1, T0 + i * S, tool=f"{i:04d}" + "x" * 10_000))).spans)
     (st,) = rep.states.values()
     assert len(rep.pipe.dump(st)) < 256 * 1024
+
+
+# --------------------------------------------------------------- 9. nothing passes uncounted
+
+
+def test_json_scalars_are_bad_json_not_bad_otlp():
+    for v in (b"42", b'"a string"', b"true", b"null", b"-1.5e3"):
+        d = decode(v)
+        assert [r.reason for r in d.rejections] == ["bad_json"], v
+        assert "not a span" in d.rejections[0].detail
+
+
+def test_empty_inputs_decode_as_empty():
+    for v in (b"", b"   ", b"[]", b'{"resourceSpans": []}', None):
+        d = decode(v)
+        assert d.spans == [] and d.rejections == [], v

@@ -109,7 +109,22 @@ def _decode(payload: Any, limits: Limits) -> Decoded:
         return Decoded([], [], "empty")
     if head[0] == 0x7B or head[0] == 0x5B:
         return _json(head, ctx, limits, payload)
+    if head[0] in _SCALAR_START and len(head) <= 4096:
+        try:
+            v = orjson.loads(head)
+        except orjson.JSONDecodeError:
+            pass
+        else:  # valid JSON, but a number / string / true / false / null: not spans, and not OTLP
+            return Decoded([], [Rejection("bad_json", f"a JSON {_json_kind(v)}, not a span object or array")],
+                           "unknown")
     return _proto(payload, ctx, limits, strict=False)
+
+
+_SCALAR_START = frozenset(b'"-0123456789tfn')
+
+
+def _json_kind(v: object) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(v), "null")
 
 
 # --------------------------------------------------------------------------------- protobuf
