@@ -44,6 +44,9 @@ class Features:
     GenAI conventions, OpenInference, OpenLLMetry, pydantic-ai, LiteLLM, LangSmith); detectors never
     read raw attributes for these. ``resend`` / ``attempt`` are retry ordinals, -1 when absent
     (0: an explicit first attempt). ``cost`` is the cost the producer reported (None: not reported).
+    ``req_tool`` / ``req_hash``: the tool call(s) a model span's output requested (name, argument
+    hash; set on model spans only, never on tool or agent spans) — the only trace of a tool call for
+    producers that emit no tool spans (LiteLLM).
 
     >>> f = Features("s1", "acme", "t1", "execute_tool", "search", "h1", None, None, None,
     ...              0, 0, 0, None, -1, -1, False, False, False, None, None, None)
@@ -72,6 +75,8 @@ class Features:
     outcome: str | None
     approval: str | None
     state_hash: str | None
+    req_tool: str | None = None
+    req_hash: str | None = None
 
     @property
     def fingerprint(self) -> tuple[str | None, str | None]:

@@ -150,6 +150,23 @@ def is_tool_call(span: Span) -> bool:
     return f.tool is not None or f.op == "execute_tool"
 
 
+def requested_call_of(span: Span) -> tuple[str, str | None] | None:
+    """(tool name, argument hash) of the tool call(s) a model span's output requested, or None
+    (tool and agent spans requested nothing). A request is not an execution: it is no tool call
+    (:func:`is_tool_call` stays False, the span stays a model call for cost).
+
+    >>> from streams.models import Span
+    >>> s = Span("t", "s", None, "chat", "CLIENT", 0, 1, "OK", "", {"gen_ai.operation.name": "chat",
+    ...          "tool.requested.name": "get", "tool.requested.payload_hash": "h1"}, {})
+    >>> requested_call_of(s), is_tool_call(s), is_model_call(s)
+    (('get', 'h1'), False, True)
+    """
+    f = span.feat
+    if f is None:
+        f = features(span)
+    return None if f.req_tool is None else (f.req_tool, f.req_hash)
+
+
 def fingerprint_of(span: Span) -> tuple[str, str | None]:
     """(tool name, argument hash or None). Ingest has already hashed raw arguments."""
     f = features(span)

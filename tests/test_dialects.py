@@ -212,3 +212,170 @@ def test_argument_hash_never_raises(value, key):
     a = {"gen_ai.operation.name": "execute_tool", key: json.dumps(value)}
     h = argument_hash(a, canonical_hash)
     assert h is None or len(h) == 16
+
+
+# ------------------------------------------------------------------------- requested tool calls
+# LiteLLM emits no tool spans: a tool call shows only as a call the model requested in its output.
+
+ARGS = '{"order_id": "A-1001"}'
+WANT = ("get_order_status", canonical_hash({"order_id": "A-1001"}))
+OPENAI_MSG = [{"role": "assistant", "content": None, "function_call": None,
+               "tool_calls": [{"id": "call_1", "type": "function",
+                               "function": {"name": "get_order_status", "arguments": ARGS}}]}]
+REQUESTED = {
+    "openai-json": {"gen_ai.output.messages": json.dumps(OPENAI_MSG)},
+    "openai-array": {"gen_ai.output.messages": OPENAI_MSG},  # a real array in flat JSON
+    "genai-parts": {"gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [
+        {"type": "text", "content": "checking"},
+        {"type": "tool_call", "id": "call_1", "name": "get_order_status", "arguments": {"order_id": "A-1001"}}]}])},
+    "genai-parts-str-args": {"gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [
+        {"type": "tool_call", "id": "call_1", "name": "get_order_status", "arguments": ARGS}]}])},
+    "openinference": {"llm.output_messages.0.message.role": "assistant",
+                      "llm.output_messages.0.message.tool_calls.0.tool_call.id": "call_1",
+                      "llm.output_messages.0.message.tool_calls.0.tool_call.function.name": "get_order_status",
+                      "llm.output_messages.0.message.tool_calls.0.tool_call.function.arguments": ARGS},
+    "legacy-function-call": {"gen_ai.completion.0.function_call.name": "get_order_status",
+                             "gen_ai.completion.0.function_call.arguments": ARGS,
+                             # LiteLLM's legacy logger: empty parts there, the call in gen_ai.completion
+                             "gen_ai.output.messages": '[{"role": "assistant", "parts": []}]'},
+    "legacy-tool-calls": {"gen_ai.completion.0.role": "assistant",
+                          "gen_ai.completion.0.tool_calls.0.id": "call_1",
+                          "gen_ai.completion.0.tool_calls.0.name": "get_order_status",
+                          "gen_ai.completion.0.tool_calls.0.arguments": ARGS},
+}
+CONTENT_KEYS = ("gen_ai.output.messages", "llm.output_messages.", "gen_ai.completion.")
+
+
+def model_flat(attrs, i=0, parent=None, session="s", name="chat gpt-4o"):
+    d = {"trace_id": f"{i + 1:032x}", "span_id": f"{i + 1:016x}", "parent_span_id": parent, "name": name,
+         "start_time_unix_nano": 10**18 + i * 10**9, "end_time_unix_nano": 10**18 + i * 10**9 + 1000,
+         "status": {"code": "UNSET"}, "resource": {"service.name": "svc"},
+         "attributes": {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+                        "gen_ai.conversation.id": session, "gen_ai.usage.input_tokens": 60, **attrs}}
+    got = decode(orjson.dumps(d))
+    assert not got.rejections, got.rejections
+    return got.spans[0]
+
+
+@pytest.mark.parametrize("shape", list(REQUESTED))
+def test_a_requested_tool_call_reads_the_same_in_every_shape(shape):
+    s = model_flat(REQUESTED[shape])
+    f = semconv.features(s)
+    assert semconv.requested_call_of(s) == WANT, shape
+    # a request is no execution: still a model call (for cost), no tool, no tool fingerprint
+    assert (f.tool, f.arg_hash, semconv.is_tool_call(s), semconv.is_model_call(s)) == (None, None, False, True)
+    # content never survives ingest: only the name and the hash are left
+    assert not [k for k in s.attributes if k.startswith(CONTENT_KEYS)], s.attributes
+    blob = orjson.dumps([s.attributes, s.resource])
+    assert b"A-1001" not in blob and b"call_1" not in blob
+
+
+def test_several_requested_calls_make_one_order_free_fingerprint():
+    def out(*calls):
+        return {"gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [
+            {"type": "tool_call", "name": n, "arguments": a} for n, a in calls]}])}
+    ab = semconv.requested_call_of(model_flat(out(("get", '{"p": 1}'), ("get", '{"p": 2}'))))
+    ba = semconv.requested_call_of(model_flat(out(("get", '{"p": 2}'), ("get", '{"p": 1}'))))
+    ac = semconv.requested_call_of(model_flat(out(("get", '{"p": 1}'), ("get", '{"p": 3}'))))
+    assert ab == ba and ab[0] == "get+get"
+    assert ac != ab  # paging with parallel calls is no repeat
+    assert ab != semconv.requested_call_of(model_flat(out(("get", '{"p": 1}'))))
+
+
+def test_requested_names_are_screened_and_capped():
+    key = "sk-proj-" + "a" * 40
+    s = model_flat({"llm.output_messages.0.message.tool_calls.0.tool_call.function.name": key})
+    name, _ = semconv.requested_call_of(s)
+    assert name.startswith("redacted-") and key not in orjson.dumps(s.attributes).decode()
+    s = model_flat({"llm.output_messages.0.message.tool_calls.0.tool_call.function.name": "t" * 5000})
+    assert len(semconv.requested_call_of(s)[0]) == 128
+
+
+def test_no_request_without_a_call_and_none_on_tool_or_agent_spans():
+    assert semconv.requested_call_of(model_flat({"gen_ai.output.messages": '[{"role": "assistant", '
+                                                 '"content": "Your order shipped."}]'})) is None
+    assert semconv.requested_call_of(model_flat({"gen_ai.output.messages": "not json"})) is None
+    for op in ("execute_tool", "invoke_agent"):
+        s = model_flat({**REQUESTED["openai-json"], "gen_ai.operation.name": op})
+        assert semconv.requested_call_of(s) is None, op
+
+
+def _loop(spans):
+    from streams.detectors.loop import NoProgressLoop
+
+    det = NoProgressLoop()
+    st_, found = det.new_state(), []
+    for s in spans:
+        st_, fs = det.step(st_, s, s.end_ns)
+        found += fs
+    return det, st_, found
+
+
+def _tool_span(i, parent=None, args=ARGS):
+    d = {"trace_id": f"{i + 1:032x}", "span_id": f"{i + 1:016x}ff"[-16:], "parent_span_id": parent,
+         "name": "execute_tool get_order_status", "start_time_unix_nano": 10**18 + i * 10**9 + 2000,
+         "end_time_unix_nano": 10**18 + i * 10**9 + 3000, "status": {"code": "OK"},
+         "resource": {"service.name": "svc"},
+         "attributes": {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "get_order_status",
+                        "gen_ai.tool.call.arguments": args, "gen_ai.conversation.id": "s"}}
+    return decode(orjson.dumps(d)).spans[0]
+
+
+def test_requested_calls_make_a_loop_when_the_session_has_no_tool_spans():
+    _, st_, found = _loop([model_flat(REQUESTED["openai-json"], i) for i in range(3)])
+    assert [(f.status, f.evidence["repeats"], f.evidence["requested_by_model"]) for f in found] == [("open", 3, True)]
+    assert "model requested tool 'get_order_status'" in found[0].summary
+    # paging: distinct arguments, no loop
+    pages = [model_flat({"gen_ai.completion.0.function_call.name": "list_orders",
+                         "gen_ai.completion.0.function_call.arguments": json.dumps({"page": i})}, i)
+             for i in range(8)]
+    assert _loop(pages)[2] == []
+
+
+def test_a_session_with_tool_spans_does_not_count_a_call_twice():
+    # a framework emitting both the request (model span) and the execution (tool span), root spans,
+    # in time order: the loop opens at the 3rd execution, not the 2nd
+    spans = []
+    for i in range(3):
+        spans += [model_flat(REQUESTED["openai-json"], i), _tool_span(i)]
+    _, st_, found = _loop(spans)
+    assert st_.saw_tool
+    assert [(f.status, f.evidence["repeats"], "requested_by_model" in f.evidence) for f in found] == [
+        ("open", 3, False)]
+    assert found[0].detected_at_ns == spans[-1].end_ns
+    assert _loop(spans[:4])[2] == []  # two iterations: no loop (double counting would fire here)
+
+
+def test_requests_inside_a_run_are_not_counted():
+    # a model span under an agent/chain span: its framework can emit tool spans, and an OTLP export
+    # can deliver them after all the batch's model spans — counting the requests would then depend
+    # on batching
+    model = [model_flat(REQUESTED["openai-json"], i, parent="ab" * 8) for i in range(5)]
+    assert _loop(model)[2] == []
+    # all the model spans first, then the tool spans (spans grouped by instrumentation scope)
+    tools = [_tool_span(i, parent="ab" * 8) for i in range(5)]
+    _, _, found = _loop(model + tools)
+    assert [(f.status, f.evidence["repeats"]) for f in found] == [("open", 3), ("updated", 4)]
+    assert found[0].detected_at_ns == tools[2].end_ns  # opened by the 3rd tool span
+    assert "requested_by_model" not in found[0].evidence
+
+
+def test_loop_state_keeps_the_tool_flag_and_loads_old_states():
+    det, st_, _ = _loop([_tool_span(0)])
+    again = det.load(orjson.loads(orjson.dumps(det.dump(st_))))
+    assert again.saw_tool and again == st_
+    old = det.dump(st_)
+    del old["saw_tool"]
+    assert det.load(old).saw_tool is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(ENVELOPES, st.sampled_from(["gen_ai.output.messages",
+                                   "llm.output_messages.0.message.tool_calls.0.tool_call.function.name",
+                                   "gen_ai.completion.0.function_call.name"]))
+def test_requested_call_never_raises(value, key):
+    from streams.ingest.dialects import requested_call
+
+    for v in (value, json.dumps(value), [{"role": "assistant", "tool_calls": value, "parts": value}]):
+        r = requested_call({key: v}, canonical_hash)
+        assert r is None or (len(r[1]) == 16 and len(r[0]) <= 128)

@@ -23,9 +23,6 @@ KNOWN_MISSES = {
     ("pydantic-ai", "retry"): "the final attempt of a retried request is the `chat` span itself: it has no "
     "attempt number, and the attempt spans under it carry no conversation id, so each session shows "
     "3 of its 4 retries (18 from 6 sessions, under the route threshold of 20)",
-    **{(d, "loop"): "LiteLLM emits no tool spans: its tool calls exist only as calls the model requested, "
-       "inside the model span's output messages, which ingest drops as content without reading them"
-       for d in ("litellm-otel-v2", "litellm-arize-phoenix")},
 }
 CASES = [
     pytest.param(m.parent.name, scenario, enc, want,

@@ -8,6 +8,15 @@ mutation with a fingerprint the session has not mutated with before):
 * **cycle** — a cycle of 2–4 fingerprints repeating 3 times in a row, within the window;
 * **stagnation** — 5 consecutive ``chat`` spans carrying the same ``agent.state_hash``.
 
+A tool call is a tool span. A session that has never shown a tool span (LiteLLM emits none: the
+caller runs the tools) counts instead the calls its *root* model spans requested
+(``Features.req_tool``); the first tool span of a session withdraws the requested calls counted so
+far and stops counting them, so a producer emitting both the request and the execution never
+counts a call twice. Only root model spans: a model span inside a run (an agent or chain span above
+it) belongs to a framework that can emit the tool spans too, and those can arrive after all the
+model spans of their batch (an OTLP export groups spans by instrumentation scope), too late to
+stop the requests from being counted — the outcome would depend on batching.
+
 One episode per loop: the first hit opens it (incident ``open``, breaker ``halt`` session), later
 hits update it (``updated`` at 2×, 4×, 8×… the opening count, so a fast loop cannot flood the
 topic), progress resolves it (``resolved``).
@@ -94,6 +103,7 @@ class LoopState:
     chat_first: list[Any] | None = None  # [end_ns, span_id] of the streak's first chat
     mutations: list[str] = field(default_factory=list)
     episode: dict[str, Any] | None = None
+    saw_tool: bool = False  # a tool span was seen: requested calls are no longer counted
 
 
 def _fp_key(span: Span) -> tuple[str, bool]:
@@ -165,13 +175,25 @@ class NoProgressLoop:
         tool_call = f.tool is not None or op == "execute_tool"  # semconv.is_tool_call
         key = ""
         has_hash = True
+        requested = False
         if tool_call:
+            if not state.saw_tool:
+                # the session's first tool span: whatever was counted so far were requested calls,
+                # which this session's tool spans now stand for (else each call would count twice)
+                state.saw_tool = True
+                if state.calls or state.seq:
+                    state.calls.clear()
+                    state.seq.clear()
             key, has_hash = _fp_key(span)
             if f.mutation and not f.error and key not in state.mutations:
                 state.mutations.append(key)
                 if len(state.mutations) > _MAX_MUTATIONS:
                     del state.mutations[0]
                 progress = True
+        elif f.req_tool is not None and not state.saw_tool and not span.parent_span_id:
+            requested = True
+            h = f.req_hash
+            key, has_hash = (f"{f.req_tool}{_SEP}{h}", True) if h is not None else (f.req_tool, False)
         if progress:
             if ep is not None:
                 findings.append(self._finding(state, span, ep, "resolved"))
@@ -196,7 +218,7 @@ class NoProgressLoop:
                              state.chat_first or [t, span.span_id]))
 
         # 3. repeats and cycles of tool calls
-        if tool_call:
+        if tool_call or requested:
             # the window ends at the session's latest time, not at this span's: a late span never
             # evicts newer calls (it counts if it is inside the window, else it is too old to count)
             lo = state.last_seen_ns - self._window_ns
@@ -239,6 +261,8 @@ class NoProgressLoop:
                     "cost_usd": 0.0,
                     "tokens": 0,
                 }
+                if requested:
+                    ep["requested"] = True
                 for c in state.calls.get(key, ()) if rule == "repeat" else ():
                     self._remember(ep, c[1], c[2])
                 self._account(ep, span)
@@ -301,17 +325,22 @@ class NoProgressLoop:
             cost_usd_wasted=ep["cost_usd"],
             tokens_wasted=ep["tokens"],
         )
+        requested = ep.get("requested", False)
+        if requested:
+            ev["requested_by_model"] = True  # model spans requesting calls (the session has no tool spans)
         secs = (ep["last_ns"] - ep["first_ns"]) / 1e9
         if status == "resolved":
             summary = f"Session {session} made progress again; the loop ({ep['rule']}) ended."
         elif ep["rule"] == "repeat":
             fp = ev["fingerprint"]
             same = "the same arguments" if fp["args_hash"] else "no argument hash"
-            summary = (f"Session {session} called tool {fp['tool']!r} {ev['repeats']} times with "
+            did = "'s model requested" if requested else " called"
+            summary = (f"Session {session}{did} tool {fp['tool']!r} {ev['repeats']} times with "
                        f"{same} in {secs:.0f} s without progress.")
         elif ep["rule"] == "cycle":
             tools = " → ".join(c["tool"] for c in ev["cycle"])
-            summary = f"Session {session} repeated the tool cycle {tools} {ev['repeats']} times without progress."
+            did = "'s model requested" if requested else " repeated"
+            summary = f"Session {session}{did} the tool cycle {tools} {ev['repeats']} times without progress."
         else:
             summary = (f"Session {session} had {ev['repeats']} consecutive chat turns without its "
                        f"state changing.")

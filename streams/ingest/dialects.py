@@ -14,9 +14,10 @@ The module has three parts, all data except two small functions:
 * :data:`KIND_MARKERS` — dialect span-kind markers that say what a span *is* when it has no
   ``gen_ai.operation.name`` (OpenInference ``TOOL`` → ``execute_tool``, …), and
   :data:`ARGUMENTS` — where each dialect puts a tool call's arguments, and which envelope wraps
-  them (per-call noise — call ids, step counters, checkpoint ids — is not part of a fingerprint).
-* :func:`argument_hash` (used by the privacy rule at ingest, before content is dropped) and
-  :func:`extract` (attributes → :class:`~streams.models.Features`).
+  them (per-call noise — call ids, step counters, checkpoint ids — is not part of a fingerprint);
+  :data:`REQUESTED` — where a model span's output carries the tool calls the model requested.
+* :func:`argument_hash` and :func:`requested_call` (used by the privacy rule at ingest, before
+  content is dropped) and :func:`extract` (attributes → :class:`~streams.models.Features`).
 
 :func:`conformance` renders the dialect × feature table the README carries (a test checks that
 the README matches it).
@@ -97,6 +98,10 @@ FEATURES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "arguments": (
         (BW, "tool.payload_hash"),
+    ),
+    "requested": (
+        (BW, "tool.requested.name"),
+        (BW, "tool.requested.payload_hash"),
     ),
     "provider": (
         (GENAI, "gen_ai.provider.name"),
@@ -232,6 +237,26 @@ NOISE_KEYS = frozenset({
 })
 NOISE_PREFIXES = ("__pregel_", "langgraph_", "checkpoint_")
 
+# Where a model span carries the tool calls the model *requested* (its output), in precedence order:
+# (dialect, key or key prefix, shape).  "messages": a JSON list of output messages, OpenAI's raw
+# ``{"role", "content", "tool_calls": [{"id", "type", "function": {"name", "arguments"}}]}`` (also its
+# older ``function_call``) or GenAI's ``{"role", "parts": [{"type": "tool_call", "name", "arguments"}]}``;
+# "flat": flattened ``….<n>.name`` / ``….<n>.arguments`` keys under the prefix.  The first source that
+# holds a call wins.  Derived at ingest, inside the privacy rule (the sources are content), into
+# ``tool.requested.name`` / ``tool.requested.payload_hash``.
+REQUESTED: tuple[tuple[str, str, str], ...] = (
+    (GENAI, "gen_ai.output.messages", "messages"),
+    (OI, "llm.output_messages.", "flat"),
+    (LEGACY, "gen_ai.completion.", "flat"),
+)
+REQ_NAME_KEY = "tool.requested.name"
+REQ_HASH_KEY = "tool.requested.payload_hash"
+MAX_REQUESTED = 64  # calls read per span (in document order); more is no agent, it is an attack
+_REQ_FLAT = re.compile(
+    r"(?:llm\.output_messages\.\d+\.message\.tool_calls\.\d+\.tool_call\.function"
+    r"|gen_ai\.completion\.\d+\.(?:function_call|tool_calls\.\d+))\.name"
+).fullmatch
+
 # Derived features (what a dialect gives only indirectly), for the conformance table.
 DERIVED: dict[tuple[str, str], str] = {
     (OI, "operation"): "from `openinference.span.kind`",
@@ -253,6 +278,13 @@ DERIVED: dict[tuple[str, str], str] = {
     (LEGACY, "error"): "status `ERROR`, or an `exception` event",
     (OI, "request_model"): "`model` in `llm.invocation_parameters` (failed calls have no `llm.model_name`)",
     (GENAI, "cost"): "else tokens × default prices (genai-prices) or the policy's table",
+    (GENAI, "requested"): "name and argument hash of the `tool_calls` / `tool_call` parts in `gen_ai.output.messages`",
+    (LEGACY, "requested"): "from `gen_ai.completion.N.function_call.*`, `gen_ai.completion.N.tool_calls.M.*`",
+    (OI, "requested"): "from `llm.output_messages.N.message.tool_calls.M.tool_call.function.*`",
+    (OLL, "requested"): "from `gen_ai.output.messages`",
+    (PAI, "requested"): "from `gen_ai.output.messages`",
+    (LITELLM, "requested"): "from `gen_ai.output.messages` (V2, with content capture), "
+                            "`llm.output_messages.*` (Arize/Phoenix), `gen_ai.completion.N.function_call.*`",
 }
 for _d in (LEGACY, OI, OLL, PAI, LITELLM, LS):
     DERIVED.setdefault((_d, "cost"), "else tokens × prices")
@@ -392,6 +424,83 @@ def argument_hash(a: dict[str, Any], canonical_hash: Any) -> str | None:
     return None
 
 
+def _message_calls(v: Any, out: list[tuple[Any, Any]]) -> None:
+    v = _loads(v)
+    if type(v) is dict:
+        v = [v]
+    if type(v) is not list:
+        return
+    for m in v:
+        if type(m) is not dict:
+            continue
+        tcs = m.get("tool_calls")
+        if type(tcs) is list:
+            for tc in tcs:
+                if type(tc) is dict:
+                    fn = tc.get("function")
+                    if type(fn) is dict:
+                        out.append((fn.get("name"), fn.get("arguments")))
+                    elif "name" in tc:
+                        out.append((tc.get("name"), tc.get("arguments", tc.get("args"))))
+        fc = m.get("function_call")
+        if type(fc) is dict:
+            out.append((fc.get("name"), fc.get("arguments")))
+        parts = m.get("parts")
+        if type(parts) is list:
+            for p in parts:
+                if type(p) is dict and p.get("type") == "tool_call":
+                    out.append((p.get("name"), p.get("arguments")))
+
+
+def requested_call(a: dict[str, Any], canonical_hash: Any,
+                   keys: Any = None) -> tuple[str, str] | None:
+    """The tool call(s) a model span's output requested, as (name, argument hash), or None.
+
+    Runs at ingest on the raw attributes (before content is dropped); ``keys``: the span's content
+    keys when the caller has them (the flat sources are only looked for among them).  One call:
+    its name and ``canonical_hash`` of its parsed arguments (what a tool span of the same call would
+    hash).  Several calls in one output: one combined fingerprint — the names joined by ``+`` and a
+    hash of the (name, argument hash) pairs, both sorted, so a turn counts as a repeat only when it
+    requests the same set of calls again (in any order); the first call alone would make a model
+    paging with parallel calls (``get(A), get(B)`` then ``get(A), get(C)``) look like a loop.
+
+    >>> from streams.semconv import canonical_hash as h
+    >>> oai = [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+    ...         "function": {"name": "get", "arguments": '{"id": 1}'}}]}]
+    >>> requested_call({"gen_ai.output.messages": oai}, h) == ("get", h({"id": 1}))
+    True
+    >>> oi = {"llm.output_messages.0.message.tool_calls.0.tool_call.function.name": "get",
+    ...       "llm.output_messages.0.message.tool_calls.0.tool_call.function.arguments": '{"id": 1}'}
+    >>> requested_call(oi, h) == ("get", h({"id": 1}))
+    True
+    >>> requested_call({"gen_ai.output.messages": '[{"role": "assistant", "content": "hi"}]'}, h) is None
+    True
+    """
+    calls: list[tuple[Any, Any]] = []
+    for _, key, shape in REQUESTED:
+        if shape == "messages":
+            v = a.get(key)
+            if v is not None:
+                _message_calls(v, calls)
+        else:
+            for k in a if keys is None else keys:
+                if k.startswith(key) and k.endswith(".name") and _REQ_FLAT(k):
+                    calls.append((a[k], a.get(k[:-4] + "arguments")))
+        if calls:
+            break
+    pairs = []
+    for name, args in calls[:MAX_REQUESTED]:
+        if name is None or name == "" or type(name) in (dict, list):
+            continue
+        pairs.append((ident(name), canonical_hash(args)))
+    if not pairs:
+        return None
+    if len(pairs) == 1:
+        return pairs[0]  # type: ignore[return-value]
+    pairs.sort()
+    return ident("+".join(n for n, _ in pairs)), canonical_hash(pairs)  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------ the record
 
 
@@ -485,6 +594,7 @@ _SESSION, _TENANT, _WORKFLOW = _K["session"], _K["tenant"], _K["workflow"]
 _TOOL, _PROVIDER, _REQ, _RESP = _K["tool"], _K["provider"], _K["request_model"], _K["response_model"]
 _IN, _OUT, _CACHED, _COST = _K["input_tokens"], _K["output_tokens"], _K["cached_tokens"], _K["cost"]
 _ATTEMPT = _K["attempt"]
+_NOT_MODEL_OPS = frozenset({"execute_tool", "invoke_agent", "create_agent"})
 
 
 def _invocation_model(a: dict[str, Any]) -> Any:
@@ -533,6 +643,11 @@ def extract(a: dict[str, Any], r: dict[str, Any], status: str, name: str, trace_
     outcome = a.get("agent.outcome")
     approval = a.get("approval.status")
     sh = a.get("agent.state_hash")
+    req_tool = req_hash = None
+    if tool is None and op not in _NOT_MODEL_OPS:  # a tool or agent span requested nothing
+        v = a.get(REQ_NAME_KEY)
+        if v is not None and v != "":
+            req_tool, req_hash = ident(v), ident(a.get(REQ_HASH_KEY))
     return Features(
         ident(session) if session is not None else trace_id,
         ident(tenant),
@@ -556,6 +671,8 @@ def extract(a: dict[str, Any], r: dict[str, Any], status: str, name: str, trace_
         ident(str(outcome).lower()) if outcome is not None and outcome != "" else None,
         ident(str(approval).upper()) if approval is not None and approval != "" else None,
         ident(sh),
+        req_tool,
+        req_hash,
     )
 
 
@@ -569,7 +686,7 @@ FEATURE_NAMES = {
     "input_tokens": "input tokens", "output_tokens": "output tokens", "cached_tokens": "cached input tokens",
     "cost": "cost (USD)", "resend": "retry ordinal (HTTP resend)", "attempt": "retry attempt",
     "error": "error", "mutation": "mutation class", "verified": "verification", "outcome": "outcome",
-    "approval": "approval", "state_hash": "state hash",
+    "approval": "approval", "state_hash": "state hash", "requested": "tool call requested by the model",
 }
 
 

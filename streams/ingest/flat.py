@@ -30,7 +30,7 @@ import orjson
 
 from streams.ingest.limits import DEFAULT_LIMITS, Limits  # noqa: F401  (doctests)
 from streams.models import Span, SpanEvent
-from streams.ingest.dialects import argument_hash
+from streams.ingest.dialects import REQ_HASH_KEY, REQ_NAME_KEY, argument_hash, requested_call
 from streams.semconv import canonical_hash, is_sensitive
 
 ARGS_KEY = "gen_ai.tool.call.arguments"
@@ -262,7 +262,8 @@ def scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
     """The privacy rule, in place: hash tool arguments, then drop every sensitive key.
 
     With ``hash_args`` (span attributes), ``gen_ai.tool.call.arguments`` becomes
-    ``tool.payload_hash`` (unless the producer already sent one).
+    ``tool.payload_hash`` (unless the producer already sent one), and the tool call(s) a model
+    span's output requested become ``tool.requested.name`` / ``tool.requested.payload_hash``.
 
     >>> a = scrub({"gen_ai.tool.call.arguments": '{"q": 1}', "gen_ai.prompt": "x", "k": 1}, True)
     >>> a == {"k": 1, "tool.payload_hash": canonical_hash({"q": 1})}
@@ -286,6 +287,13 @@ def scrub(a: dict[str, Any], hash_args: bool) -> dict[str, Any]:
                 raise Bad("bad_span", "tool arguments could not be hashed") from None
             if h is not None:
                 a[HASH_KEY] = h
+        if hash_args and REQ_NAME_KEY not in a:
+            try:  # the tool call(s) a model span's output requested (dialects.REQUESTED)
+                req = requested_call(a, canonical_hash, drop)
+            except Exception:
+                raise Bad("bad_span", "requested tool calls could not be read") from None
+            if req is not None:
+                a[REQ_NAME_KEY], a[REQ_HASH_KEY] = req
         for k in drop:
             del a[k]
     return a
