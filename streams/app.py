@@ -258,6 +258,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
         bad: list[Rejection] = []
         chunk, size = 0, 0
         for i, s in enumerate(spans_):
+            semconv.features(s)  # made once, here: the wire carries it instead of the attributes
             wire = s.to_wire()
             n = len(orjson.dumps(wire))
             if n > SPAN_WIRE_BYTES:
@@ -323,6 +324,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                     for s in group_spans:
                         wire = wires.get(id(s))
                         if wire is None:
+                            semconv.features(s)  # made once, here: the wire carries it instead of the attributes
                             wire = wires[id(s)] = s.to_wire()
                         src, off = source[id(s)]
                         off = chunk_of.get(id(s), off << CHUNK_BITS)

@@ -122,7 +122,31 @@ class Span:
         return v
 
     def to_wire(self) -> list[Any]:
-        """Compact positional form for the internal repartition topic."""
+        """Compact positional form for the internal repartition topics.
+
+        With its features record made (ingest makes it before re-keying), a span travels as its
+        features plus only the raw attributes a detector still reads (the plan ones,
+        :data:`WIRE_ATTRIBUTES`, and ``plan.step`` events): no other attribute, resource attribute
+        or status message leaves ingest, and the stages do not extract features again.
+
+        >>> s = Span("t", "s", None, "x", "INTERNAL", 0, 1, "OK", "", {"a": 1, "plan.step.id": "p"}, {"r": 2})
+        >>> s.feat = Features("s1", None, "t", None, None, None, None, None, None, 0, 0, 0, None, -1, -1,
+        ...                   False, False, False, None, None, None)
+        >>> w = Span.from_wire(s.to_wire())
+        >>> w.attributes, w.resource, w.feat == s.feat
+        ({'plan.step.id': 'p'}, {}, True)
+        """
+        f = self.feat
+        if f is not None:
+            a = self.attributes
+            return [
+                self.trace_id, self.span_id, self.parent_span_id, self.name, self.kind, self.start_ns,
+                self.end_ns, self.status, "",
+                {k: a[k] for k in WIRE_ATTRIBUTES if k in a} if not a.keys() <= WIRE_ATTRIBUTES else a,
+                {},
+                [[e.name, e.time_ns, e.attributes] for e in self.events if e.name == "plan.step"],
+                [getattr(f, k) for k in _FEATURE_FIELDS],
+            ]
         return [
             self.trace_id,
             self.span_id,
@@ -141,10 +165,19 @@ class Span:
     @classmethod
     def from_wire(cls, w: list[Any]) -> Span:
         """Inverse of :meth:`to_wire`."""
-        return cls(
+        s = cls(
             w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10],
             [SpanEvent(e[0], e[1], e[2]) for e in w[11]],
         )
+        if len(w) > 12:
+            s.feat = Features(*w[12])
+        return s
+
+
+WIRE_ATTRIBUTES = frozenset({"plan.steps", "plan.revision", "plan.step.id", "plan.step.depends_on",
+                             "plan.step.waiting_on"})
+"""The raw attributes that travel past ingest (plan_deadlock reads them); all else is features."""
+_FEATURE_FIELDS = tuple(Features.__dataclass_fields__)
 
 
 @dataclass(slots=True)

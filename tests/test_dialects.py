@@ -379,3 +379,20 @@ def test_requested_call_never_raises(value, key):
     for v in (value, json.dumps(value), [{"role": "assistant", "tool_calls": value, "parts": value}]):
         r = requested_call({key: v}, canonical_hash)
         assert r is None or (len(r[1]) == 16 and len(r[0]) <= 128)
+
+
+def test_the_wire_carries_features_not_attributes():
+    """Past ingest a span travels as its features plus the plan attributes: nothing else."""
+    from streams.models import Span
+
+    s = flat({**TOOL_CALLS["openinference"], "user.email": "a@b.c", "plan.step.id": "p1",
+              "metadata": '{"customer": "acme"}'}, resource={"service.name": "svc", "host.name": "h1"},
+             events=[{"name": "plan.step", "time_unix_nano": 10**18, "attributes": {"plan.step.id": "p2"}},
+                     {"name": "exception", "time_unix_nano": 10**18, "attributes": {"exception.type": "E"}}])
+    f = semconv.features(s)
+    w = orjson.loads(orjson.dumps(s.to_wire()))
+    back = Span.from_wire(w)
+    assert back.feat == f and back.attributes == {"plan.step.id": "p1"} and back.resource == {}
+    assert [e.name for e in back.events] == ["plan.step"]
+    blob = orjson.dumps(w)
+    assert b"a@b.c" not in blob and b"acme" not in blob and b"h1" not in blob

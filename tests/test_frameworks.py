@@ -18,12 +18,9 @@ from streams.replay import run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "frameworks"
 MANIFESTS = sorted(FIXTURES.glob("*/manifest.json"))
-# What the spans show but the detectors cannot yet see, and why (README "Known limits").
-KNOWN_MISSES = {
-    ("pydantic-ai", "retry"): "the final attempt of a retried request is the `chat` span itself: it has no "
-    "attempt number, and the attempt spans under it carry no conversation id, so each session shows "
-    "3 of its 4 retries (18 from 6 sessions, under the route threshold of 20)",
-}
+# What the spans show but the detectors cannot yet see, and why (README "Known limits"): each an
+# expected failure, so a fix shows. None today.
+KNOWN_MISSES: dict[tuple[str, str], str] = {}
 CASES = [
     pytest.param(m.parent.name, scenario, enc, want,
                  marks=[pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[(m.parent.name, scenario)])]

@@ -277,6 +277,7 @@ DERIVED: dict[tuple[str, str], str] = {
     (LS, "error"): "an `exception` event (its roots can end `OK` after failing), or status `ERROR`",
     (LEGACY, "error"): "status `ERROR`, or an `exception` event",
     (OI, "request_model"): "`model` in `llm.invocation_parameters` (failed calls have no `llm.model_name`)",
+    (PAI, "attempt"): "`pydantic_ai.model_request.attempt` k (0-based, a failed attempt that was retried) is retry k + 1",
     (GENAI, "cost"): "else tokens × default prices (genai-prices) or the policy's table",
     (GENAI, "requested"): "name and argument hash of the `tool_calls` / `tool_call` parts in `gen_ai.output.messages`",
     (LEGACY, "requested"): "from `gen_ai.completion.N.function_call.*`, `gen_ai.completion.N.tool_calls.M.*`",
@@ -638,6 +639,10 @@ def extract(a: dict[str, Any], r: dict[str, Any], status: str, name: str, trace_
         provider = _first(_PROVIDER, r)
     resend = _ordinal(a.get("http.request.resend_count"))
     attempt = _ordinal(_first(_ATTEMPT, a))
+    if attempt >= 0 and "pydantic_ai.model_request.attempt" in a and "retry.attempt" not in a:
+        # pydantic-ai exports a span only for an attempt that failed and was retried (the last
+        # attempt is the model span itself): its 0-based attempt k stands for retry k + 1
+        attempt += 1
     ac = a.get("tool.action_class")
     vs = a.get("tool.verification_status")
     outcome = a.get("agent.outcome")
