@@ -65,10 +65,13 @@ def test_messages_between_the_size_limits_are_routed_and_nothing_else_is_lost(is
     now = time.time_ns()
     loop = f"burst-{tag}"
     invalid = b"[" + b" " * 1_040_000 + b"{oops"  # 1,040,006 bytes: accepted size, bad JSON
+    # a valid span whose plan (the one raw part that travels past ingest) is ≈ 990 KB normalized
+    ids = [f"step-{j:05d}-xxxxxxxxxxxx" for j in range(2000)]
     big = call(300, now, f"big-{tag}")
-    big["attributes"].update({f"blob.{i}": "z" * 65_000 for i in range(15)})  # ≈ 975 KB normalized
+    big["events"] = [{"name": "plan.step", "time_unix_nano": now,
+                      "attributes": {"plan.step.id": f"s{i}", "plan.step.depends_on": ids}} for i in range(19)]
     big_bytes = orjson.dumps(big)
-    assert 900_000 < len(big_bytes) < settings.max_message_bytes
+    assert 936_000 < len(big_bytes) < settings.max_message_bytes
     msgs = [(b"bad-" + tag.encode(), invalid), (b"big-" + tag.encode(), big_bytes)]
     msgs += [(loop.encode(), orjson.dumps(call(400 + i, now + i * S // 10, loop))) for i in range(3)]
     asyncio.run(produce(settings.bootstrap_servers, settings.topic_spans, msgs))
