@@ -157,10 +157,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from streams import simulate
 
     start_ns = args.start_ns if args.start_ns is not None else simulate.default_start_ns(bool(args.out))
-    spans = list(simulate.generate(args.seed, args.sessions, start_ns, loops=args.loops))
+    inject: tuple[str, ...] = ()
+    if args.inject:
+        names = [x.strip() for x in args.inject.split(",") if x.strip()]
+        inject = simulate.PATTERNS[len(simulate.LOOP_KINDS):] if names == ["all"] else tuple(names)
+        bad = [x for x in inject if x not in simulate.PATTERNS]
+        if bad:
+            print(f"breakwater simulate: unknown pattern {bad[0]!r} in --inject; expected 'all' or a comma-separated "
+                  f"list of {', '.join(simulate.PATTERNS)}", file=sys.stderr)
+            return 2
+    spans = list(simulate.generate(args.seed, args.sessions, start_ns, loops=args.loops, inject=inject))
     if args.out:
         simulate.write_file(args.out if args.out != "-" else sys.stdout.buffer, spans, args.format)
-        print(f"simulate: {len(spans)} spans, {args.sessions} sessions, {args.loops} injected loops",
+        extra = f", patterns {', '.join(inject)}" if inject else ""
+        print(f"simulate: {len(spans)} spans, {args.sessions} sessions, {args.loops} injected loops{extra}",
               file=sys.stderr)
         return 0
     settings = _settings(args)
@@ -270,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=7, help="random seed (same seed, same traffic)")
     m.add_argument("--sessions", type=int, default=50, help="number of simulated agent sessions")
     m.add_argument("--loops", type=int, default=3, help="how many of them loop (no_progress_loop)")
+    m.add_argument("--inject", metavar="PATTERNS",
+                   help="also inject these patterns after the loops: 'all' (every detector: session_storm, "
+                        "route_storm, session_cost, tenant_cost, deadlock, silent) or a comma-separated list; "
+                        "tenant_cost adds 20 minutes of that tenant's normal spending before the start")
     m.add_argument("--start-ns", type=int, metavar="NS",
                    help="event time of the first session, Unix ns (default: now when publishing to Kafka, "
                         "so a live worker sees current times; 1767225600000000000 = 2026-01-01T00:00:00Z "
@@ -281,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_flag(m)
     m.set_defaults(fn=cmd_simulate)
 
-    d = sub.add_parser("dev", parents=common, help="the demo: embedded broker, worker, simulator, live tail")
+    d = sub.add_parser("dev", parents=common,
+                       help="the demo: embedded broker, worker, simulated agents obeying the breaker, live tail, summary")
     d.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     d.add_argument("--seed", type=int, default=7, help="random seed of the simulated traffic")
     d.set_defaults(fn=cmd_dev)

@@ -4,20 +4,32 @@ Every session is one agent run (one trace): a root ``invoke_agent`` span with ``
 LLM turn, carrying tokens, cost and an ``agent.state_hash`` that changes when the agent learns
 something) and ``execute_tool`` spans (search, http_get, read_file, run_sql, write_file,
 send_email, …, with realistic, varied JSON arguments). Healthy sessions page, poll, fail and retry
-like real agents do, but never look like a loop under SPEC §4.1. The first ``loops`` sessions are
-injected failures, round-robin over :data:`LOOP_KINDS`:
+like real agents do, but never look like a loop or any other detector's pattern. The first
+``loops`` sessions are injected loops, round-robin over :data:`LOOP_KINDS`:
 
 * ``repeat`` — the same tool with identical arguments 6–9 times, state hash unchanged;
-* ``cycle`` — tools A, B, C with identical arguments each, repeated 4 times, no progress;
+* ``cycle`` — three tools that take no arguments, A, B, C, repeated 4 times, no progress (without an
+  argument hash the repeat rule needs 6 calls, so the cycle rule closes first, at the 9th call);
 * ``stagnation`` — 7 ``chat`` spans with the same state hash and no tool calls.
 
+``inject`` adds every other detector's pattern, with the detectors' default thresholds:
+
+* ``session_storm`` — one model request resent 11 times (``http.request.resend_count``) in ~30 s;
+* ``route_storm`` — 8 sessions on one overloaded route (:data:`STORM_MODEL`), 6 resends each;
+* ``session_cost`` — ~$0.5 per model call, several a minute (> $2 per 60 s);
+* ``tenant_cost`` — 4 sessions of :data:`SPIKE_TENANT`, each under the session limits, ~$5 in a
+  minute against a baseline of ~$0.1/min learned from :func:`tenant_history` (20 minutes before);
+* ``deadlock`` — a plan revision makes step ``draft`` need ``review``, which needs ``draft``;
+* ``silent`` — a tool call fails, is never retried, and the agent reports success.
+
 The root span of an injected session carries ``sim.injected`` (the kind) and ends with
-``agent.outcome = failure``; :func:`injected_sessions` returns the same ground truth.
+``agent.outcome = failure`` (``success`` for ``silent``); :func:`injected_sessions` returns the
+same ground truth, :data:`PATTERN_DETECTOR` the detector that must find each.
 
 Spans come out in event-time order (``end_time_unix_nano``, the order an OTel exporter emits them),
 sessions interleaved. Output: :func:`write_file` (``jsonl``, ``json``, ``otlp_json``),
-:func:`publish` (Kafka, JSON arrays keyed by session id), :func:`run_live` (the demo's wall-clock
-traffic).
+:func:`publish` (Kafka, JSON arrays keyed by session id), :func:`run_live` (wall-clock traffic),
+:class:`AgentFleet` (the demo: live agents behind the gateway client, obeying the breaker).
 
 >>> spans = list(generate(7, sessions=4, start_ns=1_767_225_600_000_000_000, loops=1))
 >>> truth = injected_sessions(7, 4, 1)
@@ -52,6 +64,33 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOOP_KINDS: tuple[str, ...] = ("repeat", "cycle", "stagnation")
 """Injected failure kinds, assigned round-robin to the first ``loops`` sessions."""
+
+PATTERNS: tuple[str, ...] = ("repeat", "cycle", "stagnation", "session_storm", "route_storm", "session_cost",
+                             "tenant_cost", "deadlock", "silent")
+"""Every injectable pattern (``generate(inject=…)``), one or more per detector (:data:`PATTERN_DETECTOR`)."""
+
+PATTERN_DETECTOR: dict[str, str] = {
+    "repeat": "no_progress_loop", "cycle": "no_progress_loop", "stagnation": "no_progress_loop",
+    "session_storm": "retry_storm", "route_storm": "retry_storm",
+    "session_cost": "cost_velocity", "tenant_cost": "cost_velocity",
+    "deadlock": "plan_deadlock", "silent": "silent_success",
+}
+"""The detector that must find each injected pattern."""
+
+GROUP_SIZE: dict[str, int] = {"route_storm": 8, "tenant_cost": 4}
+"""Patterns made by several sessions together (a route storm needs ≥ 5 sessions); others take one."""
+
+STORM_MODEL = ("mistral_ai", "mistral-large-latest", "api.mistral.ai", 2.00, 6.00, 80)
+"""The route (provider/model) of an injected route storm: a provider in an outage, used by the storm's
+agents only, so its retry ratio does not depend on how much healthy traffic runs."""
+
+COST_MODEL = ("anthropic", "claude-sonnet-4-20250514", "api.anthropic.com", 3.00, 15.00, 70)
+
+SPIKE_TENANT = "cyberdyne"
+"""The tenant of an injected tenant cost spike; healthy traffic never uses it, and its baseline comes
+from :func:`tenant_history` (the tenant detector needs 15 minutes of warm-up)."""
+
+HISTORY_MINUTES = 20
 
 FORMATS: tuple[str, ...] = ("jsonl", "json", "otlp_json")
 """File formats of :func:`write_file`."""
@@ -101,6 +140,10 @@ _TOOLS: dict[str, tuple[str, tuple[float, float], bool]] = {
     "send_email": ("non_idempotent_mutation", (0.3, 1.2), False),
     "create_ticket": ("non_idempotent_mutation", (0.3, 1.0), False),
     "start_export": ("non_idempotent_mutation", (0.4, 1.5), False),
+    # tools that take no arguments (no argument hash: the repeat threshold doubles, cycles still count)
+    "get_queue_depth": ("read", (0.05, 0.3), False),
+    "list_open_alerts": ("read", (0.1, 0.5), False),
+    "check_deploy_status": ("read", (0.1, 0.6), False),
 }
 
 _TOPICS = (
@@ -137,16 +180,47 @@ def session_id(seed: int, index: int, salt: str = "") -> str:
     return f"sess-{h}"
 
 
-def injected_kind(index: int, loops: int) -> str | None:
-    """The failure injected into session ``index`` (round-robin over :data:`LOOP_KINDS`), or None.
+def _check_inject(inject: Iterable[str]) -> tuple[str, ...]:
+    inject = tuple(inject)
+    bad = [k for k in inject if k not in PATTERNS]
+    if bad:
+        raise ValueError(f"unknown injected pattern {bad[0]!r}; expected one of {', '.join(PATTERNS)}")
+    return inject
+
+
+def injected_kind(index: int, loops: int, inject: Iterable[str] = ()) -> str | None:
+    """The failure injected into session ``index``, or None.
+
+    The first ``loops`` sessions loop (round-robin over :data:`LOOP_KINDS`); then each pattern of
+    ``inject`` takes its group of sessions (:data:`GROUP_SIZE`, else one) in the order given.
 
     >>> [injected_kind(i, 4) for i in range(5)]
     ['repeat', 'cycle', 'stagnation', 'repeat', None]
+    >>> [injected_kind(i, 1, ("silent", "route_storm")) for i in range(11)]  # doctest: +NORMALIZE_WHITESPACE
+    ['repeat', 'silent', 'route_storm', 'route_storm', 'route_storm', 'route_storm', 'route_storm',
+     'route_storm', 'route_storm', 'route_storm', None]
     """
-    return LOOP_KINDS[index % len(LOOP_KINDS)] if index < loops else None
+    if index < loops:
+        return LOOP_KINDS[index % len(LOOP_KINDS)]
+    j = index - loops
+    for kind in _check_inject(inject):
+        n = GROUP_SIZE.get(kind, 1)
+        if j < n:
+            return kind
+        j -= n
+    return None
 
 
-def injected_sessions(seed: int, sessions: int, loops: int) -> dict[str, str]:
+def injected_count(loops: int, inject: Iterable[str] = ()) -> int:
+    """How many sessions :func:`injected_kind` marks.
+
+    >>> injected_count(3, PATTERNS)
+    22
+    """
+    return loops + sum(GROUP_SIZE.get(k, 1) for k in _check_inject(inject))
+
+
+def injected_sessions(seed: int, sessions: int, loops: int, inject: Iterable[str] = ()) -> dict[str, str]:
     """Ground truth: ``{session_id: kind}`` of the injected sessions of :func:`generate`.
 
     >>> truth = injected_sessions(7, 10, 3)
@@ -154,8 +228,12 @@ def injected_sessions(seed: int, sessions: int, loops: int) -> dict[str, str]:
     ['cycle', 'repeat', 'stagnation']
     >>> session_id(7, 0) in truth, session_id(7, 3) in truth
     (True, False)
+    >>> sorted(set(injected_sessions(7, 30, 0, PATTERNS).values())) == sorted(PATTERNS)
+    True
     """
-    return {session_id(seed, i): k for i in range(min(loops, sessions)) if (k := injected_kind(i, loops))}
+    inject = _check_inject(inject)
+    n = min(injected_count(loops, inject), sessions)
+    return {session_id(seed, i): k for i in range(n) if (k := injected_kind(i, loops, inject))}
 
 
 # ----------------------------------------------------------------------------- one session
@@ -185,6 +263,7 @@ class _Session:
         self.epoch = 0
         self.streak = 0
         self.progress = True  # the task itself is new information for the first turn
+        self.extra: dict[str, Any] = {}  # attributes every span carries (e.g. workflow.id)
 
     # -- plumbing
     def _span_id(self) -> str:
@@ -196,6 +275,8 @@ class _Session:
     def _emit(self, name: str, kind: str, start: int, end: int, attrs: dict[str, Any],
               error: tuple[str, str] | None = None) -> dict[str, Any]:
         attrs["gen_ai.conversation.id"] = self.sid
+        if self.extra:
+            attrs.update(self.extra)
         span = {
             "trace_id": self.trace_id,
             "span_id": self._span_id(),
@@ -251,14 +332,47 @@ class _Session:
         self._emit(f"chat {self.model}", "CLIENT", start, self.t, a)
         self.context += out
 
-    def tool(self, name: str, args: dict[str, Any], *, fail: bool | None = None) -> None:
-        """One tool call; a transient failure is retried once with identical arguments."""
+    def model_call(self, *, secs: float, in_tokens: int, out_tokens: int, state: str = "new",
+                   error: tuple[str, str] | None = None, resend: int = 0) -> None:
+        """One LLM call with explicit duration and tokens (injected patterns). ``error``: the call
+        failed (no output, no cost); ``resend``: the HTTP client's resend ordinal; ``state``:
+        ``new``, ``same`` or ``none`` (no state hash: a failed attempt learned nothing)."""
+        self.wait(0.05, 0.3)
+        start = self.t
+        self.t += max(1_000_000, int(secs * self.scale * _S))
+        out = 0 if error else out_tokens
+        a: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": self.provider,
+            "gen_ai.request.model": self.model,
+            "server.address": self.server,
+            "gen_ai.usage.input_tokens": 0 if error else in_tokens,
+            "gen_ai.usage.output_tokens": out,
+            "gen_ai.usage.cost": 0.0 if error else round((in_tokens * self.p_in + out * self.p_out) / 1e6, 6),
+        }
+        if not error:
+            a["gen_ai.response.model"] = self.model
+        if state != "none":
+            if state == "new":
+                self.epoch += 1
+            a["agent.state_hash"] = self._state_hash()
+        if resend:
+            a["http.request.resend_count"] = resend
+        if error:
+            a["error.type"] = error[0]
+        self._emit(f"chat {self.model}", "CLIENT", start, self.t, a, error)
+        self.progress = False
+
+    def tool(self, name: str, args: dict[str, Any] | None, *, fail: bool | None = None,
+             retry: bool = True) -> None:
+        """One tool call; a transient failure is retried once with identical arguments (unless
+        ``retry`` is False). ``args`` None: a tool without arguments."""
         rng = self.rng
         action, (lo, hi), flaky = _TOOLS[name]
         if fail is None:
             fail = flaky and rng.random() < 0.06
-        payload = orjson.dumps(args).decode()
-        for attempt in range(2 if fail else 1):
+        payload = None if args is None else orjson.dumps(args).decode()
+        for attempt in range(2 if fail and retry else 1):
             self.wait(0.02, 0.3) if attempt == 0 else self.wait(0.5, 3.0)  # retry backoff
             start = self.t
             self.t += max(1_000_000, int(rng.uniform(lo, hi) * self.scale * _S))
@@ -267,9 +381,10 @@ class _Session:
                 "gen_ai.tool.name": name,
                 "gen_ai.tool.type": "function",
                 "gen_ai.tool.call.id": f"call_{rng.getrandbits(96):024x}",
-                "gen_ai.tool.call.arguments": payload,
                 "tool.action_class": action,
             }
+            if payload is not None:
+                a["gen_ai.tool.call.arguments"] = payload
             if action != "read":
                 a["tool.verification_status"] = "verified"
             error = None
@@ -291,11 +406,13 @@ class _Session:
             "gen_ai.provider.name": self.provider,
             "gen_ai.request.model": self.model,
             "gen_ai.conversation.id": self.sid,
-            "agent.outcome": "failure" if injected else "success",
+            "agent.outcome": "failure" if injected and injected != "silent" else "success",
         }
+        attrs.update(self.extra)
         error = None
         if injected:
             attrs["sim.injected"] = injected
+        if injected and injected != "silent":  # a silent success claims success, by definition
             attrs["error.type"] = "max_iterations_exceeded"
             error = ("max_iterations_exceeded", "agent stopped: iteration limit reached")
         root = {
@@ -425,26 +542,76 @@ def _inject(s: _Session, kind: str) -> None:
             s.chat("new" if i == 0 else "same", out_tokens=rng.randrange(30, 120))
             s.tool(name, args, fail=False)
     elif kind == "cycle":
-        mod = rng.choice(_MODULES)
-        calls = (
-            ("read_file", {"path": f"config/{mod}.yaml"}),
-            ("run_tests", {"target": f"tests/test_{mod}.py", "args": "-q"}),
-            ("search", {"query": f"{mod} KeyError 'timeout'", "source": "codebase", "top_k": 5}),
-        )
+        # an on-call agent polling three argument-less tools round and round: no argument hash, so
+        # the repeat rule needs 6 calls of one tool while the cycle (period 3) closes at the 9th call
+        calls = rng.sample(("get_queue_depth", "list_open_alerts", "check_deploy_status"), 3)
         for i in range(4):
             s.chat("new" if i == 0 else "same", out_tokens=rng.randrange(60, 200))
-            for name, args in calls:
-                s.tool(name, args, fail=False)
+            for name in calls:
+                s.tool(name, None, fail=False)
     elif kind == "stagnation":
         for i in range(7):
             s.chat("new" if i == 0 else "same", out_tokens=rng.randrange(200, 800))
+    elif kind == "session_storm":
+        # the provider rate-limits this session: the HTTP client resends one request 11 times
+        for k in range(12):
+            if k:
+                s.wait(1.0, 2.5)  # client backoff
+            s.model_call(secs=rng.uniform(0.2, 0.6), in_tokens=s.context, out_tokens=0, state="none",
+                         error=("429", "upstream returned HTTP 429 Too Many Requests"), resend=k)
+        s.chat("new", out_tokens=rng.randrange(100, 400))
+    elif kind == "route_storm":
+        # the storm route is overloaded: every agent on it resends; the 6th resend goes through
+        for k in range(7):
+            if k:
+                s.wait(0.8, 2.0)
+            ok = k == 6
+            s.model_call(secs=rng.uniform(0.3, 0.9) if not ok else rng.uniform(1.5, 3.0), in_tokens=s.context,
+                         out_tokens=rng.randrange(80, 400), state="new" if ok else "none",
+                         error=None if ok else ("529", "upstream returned HTTP 529 Overloaded"), resend=k)
+        for i in range(3):  # then it goes on working (slowed down by a route throttle)
+            s.tool("search", {"query": f"{rng.choice(_TOPICS)} {rng.choice(_QUERY_SUFFIX)}", "top_k": 5 + i}, fail=False)
+            s.chat("new", out_tokens=rng.randrange(80, 300))
+    elif kind == "session_cost":
+        # a summarizer re-reading a huge document every turn: each call is new work (the state
+        # changes), but ~$0.5 per call, several calls a minute
+        for i in range(14):
+            s.model_call(secs=rng.uniform(3.0, 4.5), in_tokens=150_000 + 3_000 * i + rng.randrange(2_000),
+                         out_tokens=rng.randrange(400, 900))
+    elif kind == "tenant_cost":
+        # one of several agents of the same tenant doing a bulk job: each session stays under the
+        # session limits, together they spend far above the tenant's learned per-minute baseline
+        for i in range(6):
+            s.model_call(secs=rng.uniform(3.0, 4.5), in_tokens=60_000 + rng.randrange(20_000),
+                         out_tokens=rng.randrange(800, 1500))
+    elif kind == "deadlock":
+        # a planner revises step "draft" to need "review", which already needs "draft": a cycle
+        s.tool("search", {"query": f"{rng.choice(_TOPICS)} {rng.choice(_QUERY_SUFFIX)}", "top_k": 8}, fail=False)
+        rev = [{"id": "draft", "depends_on": ["collect", "review"], "revision": 1}]
+        s.chat("new", out_tokens=rng.randrange(100, 300), attrs={"plan.steps": orjson.dumps(rev).decode()})
+        for i in range(6):  # the workers wait on each other, polling
+            s.tool("get_job_status", {"job_id": f"job-{rng.getrandbits(40):010x}", "step": ("draft", "review")[i % 2]},
+                   fail=False)
+            s.chat("new", out_tokens=rng.randrange(40, 120))
+    elif kind == "silent":
+        # the export fails, the agent never retries it, and still reports success
+        table = rng.choice(_TABLES)
+        s.tool("run_sql", {"database": "warehouse", "query": f"INSERT INTO reports.{table}_daily SELECT * FROM staging.{table}"},
+               fail=True, retry=False)
+        s.chat("new", out_tokens=rng.randrange(100, 300))
+        s.tool("send_email", {"to": f"{rng.choice(_PEOPLE)}@example.com", "subject": f"Daily {table} report published",
+                              "body": "All done."}, fail=False)
+        s.chat("new", out_tokens=rng.randrange(200, 600))
     else:
         raise ValueError(f"unknown injected kind {kind!r}; expected one of {LOOP_KINDS}")
 
 
 def build_session(seed: int, index: int, start_ns: int, *, kind: str | None = None, tenants: int = 3,
-                  time_scale: float = 1.0, salt: str = "") -> list[dict[str, Any]]:
+                  time_scale: float = 1.0, salt: str = "", stretch: bool = True) -> list[dict[str, Any]]:
     """All spans of one agent run (session ``index``), in end-time order, root span last.
+
+    Healthy and looping runs are stretched to 1–3 minutes (times ``time_scale``) unless ``stretch``
+    is False (the live demo's injected agents get to the point at once).
 
     >>> spans = build_session(7, 0, 10**18, kind="stagnation")
     >>> root = spans[-1]
@@ -455,19 +622,37 @@ def build_session(seed: int, index: int, start_ns: int, *, kind: str | None = No
     """
     if tenants < 1:
         raise ValueError("tenants must be >= 1")
+    if kind is not None and kind not in PATTERNS:
+        raise ValueError(f"unknown injected kind {kind!r}; expected one of {PATTERNS}")
     rng = random.Random(f"breakwater-sim:{seed}:{salt}:{index}")
     names = [_TENANTS[i] if i < len(_TENANTS) else f"tenant-{i:02d}" for i in range(tenants)]
     tenant = rng.choice(names)
     agent = rng.choice(_AGENTS)
     model = rng.choice(_MODELS)
+    if kind == "route_storm":
+        model = STORM_MODEL
+    elif kind in ("session_cost", "tenant_cost"):
+        model = COST_MODEL
+    if kind == "tenant_cost":
+        tenant = SPIKE_TENANT
     s = _Session(rng, session_id(seed, index, salt), tenant, agent, model, start_ns, time_scale)
+    if kind == "deadlock":
+        s.extra["workflow.id"] = f"wf-{s.sid.removeprefix('sess-')}"
     target_s = rng.uniform(60.0, 180.0)
     turns = _SCENARIOS[agent[2]](rng)
-    if kind is not None:
+    if kind in LOOP_KINDS:
         turns = turns[: rng.randrange(1, 3)]
+    elif kind == "silent":
+        turns = turns[:1]
+    elif kind is not None:
+        turns = []
     # the first chat often carries the plan (acyclic, every dependency known)
     plan = None
-    if rng.random() < 0.3:
+    if kind == "deadlock":
+        steps = [{"id": "collect", "depends_on": []}, {"id": "draft", "depends_on": ["collect"]},
+                 {"id": "review", "depends_on": ["draft"]}, {"id": "publish", "depends_on": ["review"]}]
+        plan = {"plan.steps": orjson.dumps(steps).decode()}
+    elif rng.random() < 0.3:
         steps = [{"id": f"step{i + 1}", "depends_on": [f"step{i}"] if i else []} for i in range(len(turns))]
         plan = {"plan.steps": orjson.dumps(steps).decode()}
     s.chat("new", attrs=plan)
@@ -477,9 +662,10 @@ def build_session(seed: int, index: int, start_ns: int, *, kind: str | None = No
     else:
         s.chat(out_tokens=rng.randrange(200, 1200))  # the final answer
     # stretch short runs to a realistic 1–3 minutes: user think time / queueing between steps
+    # (not the injected storms, spikes, deadlocks and silent successes: their timing is the pattern)
     natural = s.t - start_ns
     want = int(target_s * time_scale * _S)
-    if natural < want and len(s.spans) > 1:
+    if stretch and natural < want and len(s.spans) > 1 and (kind is None or kind in LOOP_KINDS):
         extra = (want - natural) // len(s.spans)
         shift = 0
         for sp in s.spans:
@@ -488,6 +674,31 @@ def build_session(seed: int, index: int, start_ns: int, *, kind: str | None = No
             sp["end_time_unix_nano"] += shift
         s.t += shift
     return s.finish(kind)
+
+
+def tenant_history(seed: int, end_ns: int, *, minutes: int = HISTORY_MINUTES, salt: str = "") -> list[dict[str, Any]]:
+    """Normal spending of :data:`SPIKE_TENANT` in the ``minutes`` before ``end_ns``: one small
+    agent run per minute (≈ $0.1), so the tenant baseline of cost_velocity is warm (15 minutes) when
+    the injected spike comes. Spans in end-time order, all ending before ``end_ns``.
+
+    >>> h = tenant_history(1, 10**18)
+    >>> len({s["trace_id"] for s in h}), {s["resource"]["tenant.id"] for s in h}
+    (20, {'cyberdyne'})
+    >>> max(s["end_time_unix_nano"] for s in h) < 10**18, 0.02 < sum(s["attributes"].get("gen_ai.usage.cost", 0) for s in h) / 20 < 0.2
+    (True, True)
+    """
+    out: list[dict[str, Any]] = []
+    for m in range(minutes, 0, -1):
+        rng = random.Random(f"breakwater-sim:{seed}:{salt}:history:{m}")
+        start = end_ns - m * 60 * _S + int(rng.uniform(2.0, 20.0) * _S)
+        s = _Session(rng, session_id(seed, m, f"{salt}:history"), SPIKE_TENANT, _AGENTS[2], COST_MODEL, start, 1.0)
+        s.model_call(secs=rng.uniform(1.0, 3.0), in_tokens=rng.randrange(8_000, 14_000), out_tokens=rng.randrange(200, 500))
+        s.tool("run_sql", {"database": "analytics", "query": f"SELECT count(*) FROM {rng.choice(_TABLES)} WHERE day = current_date - {m}"},
+               fail=False)
+        s.model_call(secs=rng.uniform(1.0, 3.0), in_tokens=rng.randrange(8_000, 14_000), out_tokens=rng.randrange(200, 500))
+        out.extend(s.finish(None))
+    out.sort(key=lambda sp: sp["end_time_unix_nano"])
+    return out
 
 
 def _arrivals(seed: int, mean_gap_s: float, salt: str = "") -> Iterator[int]:
@@ -499,12 +710,14 @@ def _arrivals(seed: int, mean_gap_s: float, salt: str = "") -> Iterator[int]:
 
 
 def generate(seed: int, sessions: int, start_ns: int, *, loops: int, tenants: int = 3,
-             mean_gap_s: float = 2.0, time_scale: float = 1.0) -> Iterator[dict[str, Any]]:
+             mean_gap_s: float = 2.0, time_scale: float = 1.0, inject: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
     """Yield the flat spans (SPEC §3) of ``sessions`` agent runs in event-time order.
 
     Sessions start ``mean_gap_s`` apart on average (Poisson arrivals) and last 1–3 minutes
     (times ``time_scale``), so many run concurrently. The first ``loops`` sessions are injected
-    failures (see :func:`injected_sessions`). Same arguments → same spans, byte for byte.
+    loops, the next ones the patterns of ``inject`` (see :func:`injected_sessions`); with
+    ``tenant_cost`` the spike tenant's :func:`tenant_history` comes first, in the 20 minutes before
+    ``start_ns``. Same arguments → same spans, byte for byte.
 
     >>> a = list(generate(1, 5, 0, loops=0))
     >>> a == list(generate(1, 5, 0, loops=0))
@@ -519,6 +732,9 @@ def generate(seed: int, sessions: int, start_ns: int, *, loops: int, tenants: in
         raise ValueError("sessions and loops must be >= 0")
     if mean_gap_s <= 0 or time_scale <= 0:
         raise ValueError("mean_gap_s and time_scale must be > 0")
+    inject = _check_inject(inject)
+    if "tenant_cost" in inject and sessions > loops:
+        yield from tenant_history(seed, start_ns)
     arrivals = _arrivals(seed, mean_gap_s * time_scale)
     heap: list[tuple[int, int, dict[str, Any]]] = []
     seq = itertools.count()
@@ -527,7 +743,7 @@ def generate(seed: int, sessions: int, start_ns: int, *, loops: int, tenants: in
     while True:
         # a session starting after the earliest pending end cannot emit anything before it
         while i < sessions and (not heap or next_start <= heap[0][0]):
-            for sp in build_session(seed, i, next_start, kind=injected_kind(i, loops), tenants=tenants,
+            for sp in build_session(seed, i, next_start, kind=injected_kind(i, loops, inject), tenants=tenants,
                                     time_scale=time_scale):
                 heapq.heappush(heap, (sp["end_time_unix_nano"], next(seq), sp))
             i += 1
@@ -900,3 +1116,202 @@ async def run_live(settings: Settings, *, seed: int, sessions_per_s: float, loop
         if own:
             await prod.stop()
     return stats
+
+
+# ----------------------------------------------------------------------------- agents that obey the breaker
+
+DEMO_SCHEDULE: tuple[tuple[float, str], ...] = (
+    (1.0, "repeat"), (2.0, "silent"), (3.0, "session_cost"), (4.0, "cycle"), (5.0, "deadlock"),
+    (6.0, "stagnation"), (7.0, "session_storm"),
+    *((8.0 + 1.5 * i, "route_storm") for i in range(GROUP_SIZE["route_storm"])),
+    *((9.0 + 2.5 * i, "tenant_cost") for i in range(GROUP_SIZE["tenant_cost"])),
+)
+"""When (seconds into each round) the live fleet starts each injected agent: every pattern once."""
+
+
+@dataclass
+class Agent:
+    """One live simulated agent run, as :class:`AgentFleet` reports it."""
+
+    sid: str
+    kind: str | None
+    tenant: str
+    workflow: str | None
+    started: float
+    calls: int = 0
+    spend_usd: float = 0.0
+    throttled_s: float = 0.0
+    stopped: Any = None  # the Decision that stopped it
+    stopped_at: float | None = None
+    finished_at: float | None = None
+
+
+def _route_of(attrs: dict[str, Any]) -> str | None:
+    if attrs.get("gen_ai.operation.name") == "chat":
+        return f"{attrs.get('gen_ai.provider.name')}/{attrs.get('gen_ai.request.model')}"
+    return attrs.get("gen_ai.tool.name")
+
+
+class AgentFleet:
+    """Simulated agents running live behind a gateway client (:class:`streams.gateway.BreakerClient`).
+
+    Each agent run is planned by :func:`build_session` with event time = now; before each model or
+    tool call the agent asks ``breaker.check(session, tenant, workflow, route, tool)`` and obeys:
+    a deny (``halt``, ``hold``, ``trip``) stops the agent (its root span ends with the breaker's
+    error), a ``throttle`` without a token makes it wait ``retry_after_s`` (the rest of its run
+    shifts later). Spans are published once their end time has passed, in JSON arrays keyed by
+    session. ``on_event(event, agent, decision)`` reports ``start``, ``throttled`` (once per agent
+    and scope), ``stopped`` and ``finished``.
+    """
+
+    def __init__(self, settings: Settings, breaker: Any, *, seed: int = 7, producer: Any = None,
+                 on_event: Any = None, healthy_per_s: float = 1.0, healthy_scale: float = 0.1,
+                 injected_scale: float = 0.5, tenants: int = 3,
+                 schedule: tuple[tuple[float, str], ...] = DEMO_SCHEDULE, round_s: float = 90.0) -> None:
+        self.settings, self.breaker, self.seed = settings, breaker, seed
+        self.producer = producer
+        self.on_event = on_event or (lambda *a: None)
+        self.healthy_per_s, self.healthy_scale, self.injected_scale = healthy_per_s, healthy_scale, injected_scale
+        self.tenants, self.schedule, self.round_s = tenants, schedule, round_s
+        self.nonce = f"{time.time_ns() // 1_000_000:x}"
+        self.stats = PublishStats()
+        self.agents: dict[str, Agent] = {}
+        self._queue: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def publish_history(self, now_ns: int | None = None) -> int:
+        """Publish :func:`tenant_history` (event times in the 20 minutes before now) for the tenant
+        spike; returns the span count."""
+        if self.producer is None:
+            raise RuntimeError("publish_history needs a started producer (AgentFleet(producer=…))")
+        spans = tenant_history(self.seed, time.time_ns() if now_ns is None else now_ns, salt=self.nonce)
+        sender = _Sender(self.producer, self.settings.topic_spans, self.stats)
+        for key, value, n in messages(spans, 500, self.settings.max_message_bytes):
+            await sender.send(key, value, n)
+        await sender.drain()
+        return len(spans)
+
+    async def run(self, duration_s: float | None) -> PublishStats:
+        """Start agents for ``duration_s`` (None: until cancelled), then stop the ones still running."""
+        own = self.producer is None
+        if own:
+            self.producer = _producer(self.settings)
+            await self.producer.start()
+        flusher = asyncio.create_task(self._flush_loop())
+        try:
+            await self._start_agents(duration_s)
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await self._flush()
+            if own:
+                await self.producer.stop()
+        return self.stats
+
+    async def _start_agents(self, duration_s: float | None) -> None:
+        t0 = time.monotonic()
+        plan: list[tuple[float, str | None]] = []
+        healthy = injected = 0
+        rnd = 0
+        while True:
+            elapsed = time.monotonic() - t0
+            if duration_s is not None and elapsed >= duration_s:
+                return
+            if not plan or plan[0][0] > elapsed:
+                if not plan:  # the next round: the schedule, plus healthy arrivals
+                    base = rnd * self.round_s
+                    plan = sorted([(base + off, kind) for off, kind in self.schedule]
+                                  + [(base + k / self.healthy_per_s, None)
+                                     for k in range(int(self.round_s * self.healthy_per_s))],
+                                  key=lambda x: x[0])
+                    rnd += 1
+                    continue
+                await asyncio.sleep(min(0.2, plan[0][0] - elapsed))
+                continue
+            _, kind = plan.pop(0)
+            now = time.time_ns()
+            if kind is None:
+                spans = build_session(self.seed, healthy, now, tenants=self.tenants, time_scale=self.healthy_scale,
+                                      salt=f"{self.nonce}:h")
+                healthy += 1
+            else:
+                spans = build_session(self.seed, injected, now, kind=kind, tenants=self.tenants,
+                                      time_scale=self.injected_scale, salt=f"{self.nonce}:i", stretch=False)
+                injected += 1
+                self.stats.injected += 1
+            self.stats.sessions += 1
+            root = spans[-1]["attributes"]
+            agent = Agent(sid=root["gen_ai.conversation.id"], kind=kind, tenant=spans[-1]["resource"]["tenant.id"],
+                          workflow=root.get("workflow.id"), started=time.time())
+            self.agents[agent.sid] = agent
+            self.on_event("start", agent, None)
+            task = asyncio.create_task(self._agent(agent, spans))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _sleep_until(self, t_ns: int) -> None:
+        delay = (t_ns - time.time_ns()) / _S
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _agent(self, agent: Agent, spans: list[dict[str, Any]]) -> None:
+        children, root = spans[:-1], spans[-1]
+        shift = 0
+        seen_throttle: set[str | None] = set()
+        end = root["start_time_unix_nano"]
+        for sp in children:
+            a = sp["attributes"]
+            await self._sleep_until(sp["start_time_unix_nano"] + shift)
+            route, tool = _route_of(a), a.get("gen_ai.tool.name")
+            while True:
+                d = self.breaker.check(session=agent.sid, tenant=agent.tenant, workflow=agent.workflow,
+                                       route=route, tool=tool)
+                if d.allow:
+                    break
+                if d.action == "throttle":
+                    wait = max(0.05, min(5.0, d.retry_after_s or 0.5))
+                    if d.scope not in seen_throttle:
+                        seen_throttle.add(d.scope)
+                        self.on_event("throttled", agent, d)
+                    agent.throttled_s += wait
+                    await asyncio.sleep(wait)
+                    continue
+                agent.stopped, agent.stopped_at = d, time.time()
+                now = time.time_ns()
+                root["end_time_unix_nano"] = max(now, end)
+                root["status"] = {"code": "ERROR", "message": f"stopped by the circuit breaker: {d.action} on {d.scope}"}
+                root["attributes"].update({"agent.outcome": "failure", "error.type": f"breakwater.{d.action}"})
+                self._queue.append(root)
+                self.on_event("stopped", agent, d)
+                return
+            shift = max(shift, time.time_ns() - sp["start_time_unix_nano"])
+            sp["start_time_unix_nano"] += shift
+            sp["end_time_unix_nano"] += shift
+            end = sp["end_time_unix_nano"]
+            await self._sleep_until(end)
+            self._queue.append(sp)
+            agent.calls += 1
+            agent.spend_usd += float(a.get("gen_ai.usage.cost") or 0.0)
+        root["end_time_unix_nano"] += shift
+        await self._sleep_until(root["end_time_unix_nano"])
+        self._queue.append(root)
+        agent.finished_at = time.time()
+        self.on_event("finished", agent, None)
+
+    async def _flush(self) -> None:
+        ready, self._queue = self._queue, []
+        if not ready:
+            return
+        ready.sort(key=lambda s: s["end_time_unix_nano"])
+        sender = _Sender(self.producer, self.settings.topic_spans, self.stats)
+        for key, value, n in messages(ready, 500, self.settings.max_message_bytes):
+            await sender.send(key, value, n)
+        await sender.drain()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            await self._flush()
