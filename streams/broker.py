@@ -295,7 +295,7 @@ def _stop_all_at_exit() -> None:
 
 
 class EmbeddedBroker:
-    """One Tansu broker process on ``127.0.0.1:<free port>`` with in-memory storage.
+    """One Tansu broker process on ``127.0.0.1:<free port>``, in-memory storage by default.
 
     ``start()`` returns only once the broker answers a Kafka Metadata request advertising its
     own address; ``stop()`` signals its pid (SIGTERM, then SIGKILL) and is idempotent. A broker
@@ -304,6 +304,10 @@ class EmbeddedBroker:
     thread; ``die_with_parent=False`` turns that off, ``detach()`` gives the process away).
     ``port`` pins the port (default: a free one), ``log_path`` the log file (default: a temp
     dir removed on ``stop()``), ``binary`` the executable (default: :func:`tansu_binary`).
+    ``storage_engine`` is Tansu's ``--storage-engine`` (default ``memory://tansu/``; a durable one
+    is ``s3://BUCKET/`` with ``env`` naming the S3 server: ``AWS_ENDPOINT``, ``AWS_ALLOW_HTTP``,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``). ``kill()`` then
+    ``start()`` is a broker crash and restart on the same port and storage.
 
     >>> b = EmbeddedBroker(port=19092)
     >>> b.bootstrap, b.url, b.pid
@@ -322,7 +326,11 @@ class EmbeddedBroker:
         binary: str | None = None,
         log_path: str | os.PathLike[str] | None = None,
         die_with_parent: bool = True,
+        storage_engine: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.storage_engine = storage_engine
+        self._extra_env = dict(env or {})
         self._fixed_port = port
         self._port: int | None = port
         self._binary = binary
@@ -432,9 +440,10 @@ class EmbeddedBroker:
             "--advertised-listener-url",
             listen,
             "--storage-engine",
-            "memory://tansu/",
+            self.storage_engine,
         ]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
+        env.update(self._extra_env)
         env["NO_COLOR"] = "1"
         with open(self._log_path, "ab") as log:
             self._proc = subprocess.Popen(
@@ -500,6 +509,25 @@ class EmbeddedBroker:
             self._tmpdir = None
             self._log_path = None
         return code
+
+    def kill(self) -> int | None:
+        """SIGKILL the broker's pid (a crash: nothing flushed) and reap it; keeps the port and
+        the log, so ``start()`` restarts it on the same address and storage. Returns the exit
+        code (None if nothing was running)."""
+        with _LIVE_LOCK:
+            _LIVE.pop(id(self), None)
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+        self._paused = False
+        self._fixed_port = self._fixed_port or self._port  # restart where clients look for it
+        return proc.returncode
 
     def pause(self) -> None:
         """Freeze the broker (SIGSTOP to its pid): connections stay open, nothing answers."""

@@ -226,6 +226,17 @@ def _common() -> argparse.ArgumentParser:
     return c
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from streams.console import main as console_main
+
+    argv = ["--host", args.host, "--port", str(args.port), "--max-incidents", str(args.max_incidents)]
+    if args.broker:
+        argv += ["--broker", args.broker]
+    if getattr(args, "debug", False):
+        argv.append("--debug")
+    return console_main(argv)
+
+
 def _broker_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="URL",
                         help="Kafka bootstrap URL(s), kafka://host:port[,…] (overrides BREAKWATER_BROKER)")
@@ -311,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_flag(rel)
     rel.set_defaults(fn=cmd_breaker_release)
 
+    co = sub.add_parser("console", parents=common,
+                        help="a live, read-only browser page of open incidents, breakers in force and counts")
+    co.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; there is no authentication: bind another address "
+                         "only on a trusted network)")
+    co.add_argument("--port", type=int, default=0, help="port to bind (default 0: a free port; the URL is printed)")
+    co.add_argument("--max-incidents", type=int, default=1000,
+                    help="open incidents kept in memory; the least recently updated go first (default 1000)")
+    _broker_flag(co)
+    co.set_defaults(fn=cmd_console)
     b = sub.add_parser("bench", parents=common,
                        help="throughput and memory, as ratios to a ceiling measured in the same run")
     b.add_argument("--sessions", type=int, default=2000, help="simulated sessions in the replay file")

@@ -12,18 +12,19 @@ that obey the breaker. The terminal shows incidents, breaker commands and what t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
-import urllib.request
-from dataclasses import dataclass, field
-from typing import Any
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 WORKER_READY_MARK = "Worker ready"
 
@@ -155,7 +156,7 @@ def run_dev(duration_s: float | None = None, seed: int = 7) -> int:
               f"      curl -s http://127.0.0.1:{worker.metrics_port}/metrics | grep ^breakwater_   "
               f"# metrics (also /healthz, /readyz)", flush=True)
         try:
-            asyncio.run(_demo(settings, seed, duration_s, worker.metrics_port))
+            asyncio.run(_with_console(settings, _demo(settings, seed, duration_s, worker.metrics_port)))
         except KeyboardInterrupt:
             pass
         return 0
@@ -165,6 +166,25 @@ def run_dev(duration_s: float | None = None, seed: int = 7) -> int:
             worker.stop()
         broker.stop()
         _say("stopped.")
+
+
+async def _with_console(settings: Any, demo: Any) -> None:
+    """Run the demo with the live console (``breakwater console``) beside it, on a free port."""
+    from streams.console import serve
+
+    url: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    console = asyncio.create_task(serve(settings, "127.0.0.1", 0, url), name="breakwater-console")
+    try:
+        done, _ = await asyncio.wait({url, console}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if url.done():
+            _say(f"live console: {url.result()}   (open it in a browser)")
+        else:
+            _say("live console did not start; the demo goes on without it")
+        await demo
+    finally:
+        console.cancel()
+        with contextlib.suppress(BaseException):
+            await console
 
 
 def spans_in(metrics_port: int, timeout_s: float = 1.0) -> float:

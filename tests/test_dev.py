@@ -5,12 +5,15 @@ what a second terminal needs — then stops everything it started."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The README's line, run verbatim (only the duration is shorter than its example's 90 s: every
 #: detector's first incident comes within ~45 s of the agents' start, the tenant spike's at the close
 #: of its event-time minute, so at most ~66 s; the agents start ~6 s after the command).
-DEMO_LINE = "bash deploy/demo.sh --duration 80"
+DEMO_LINE = "bash deploy/demo.sh --duration 90"  # the README's line, verbatim
 DETECTORS = ("no_progress_loop", "retry_storm", "cost_velocity", "plan_deadlock", "silent_success")
 
 
@@ -85,14 +88,32 @@ def test_readme_demo_line_tells_the_whole_story_and_stops_everything():
                             start_new_session=True)
     out = b""
     t0 = time.monotonic()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.readline(), b"")), daemon=True)
+    reader.start()
+    console_counts: dict = {}
     try:
-        try:
-            out, _ = proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
+        # while the demo runs, its live console (printed at start) shows incidents from every detector
+        deadline = time.monotonic() + 150
+        while proc.poll() is None and time.monotonic() < deadline:
+            m = re.search(rb"live console: (http://127\.0\.0\.1:\d+/)", b"".join(chunks))
+            if m and not all(console_counts.get(d, {}).get("incidents") for d in DETECTORS):
+                try:
+                    with urllib.request.urlopen(m.group(1).decode() + "api/state", timeout=2) as r:
+                        console_counts = json.loads(r.read())["counts"]
+                except (OSError, ValueError, KeyError):
+                    pass
+            time.sleep(2)
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            pytest.fail(f"demo did not stop by itself:\n{out.decode(errors='replace')[-3000:]}")
+            proc.wait()
+            reader.join(5)
+            pytest.fail(f"demo did not stop by itself:\n{b''.join(chunks).decode(errors='replace')[-3000:]}")
+        reader.join(10)
+        out = b"".join(chunks)
         text = out.decode(errors="replace")
+        for det in DETECTORS:
+            assert console_counts.get(det, {}).get("incidents"), ("the console never showed", det, console_counts)
         assert proc.returncode == 0, text[-3000:]
         assert "Traceback" not in text, text[-3000:]
         assert re.search(r"CRITICAL\s+no_progress_loop\s+session:\S+\s+open", text), text[-3000:]
