@@ -365,7 +365,7 @@ async def _consume(settings: Settings, state: ConsoleState, *, ready_idle_s: flo
                 if len(have) < len(topics) and time.monotonic() - last_meta >= 1.0:
                     # a topic still missing (the worker creates them): look again, once a second
                     last_meta = time.monotonic()
-                    await consumer.topics()
+                    await consumer._client.force_metadata_update()  # noqa: SLF001 - Kafka lists none at first
                     found = [TopicPartition(t, p) for t in topics
                              for p in sorted(consumer.partitions_for_topic(t) or ())]
                     if len(found) > len(tps):

@@ -758,7 +758,9 @@ class BreakerClient:
         await consumer.start()
         self._consumer = consumer
         try:
-            parts = consumer.partitions_for_topic(self.topic)  # from the bootstrap's full metadata
+            # a real Kafka's first metadata answer lists no topic: ask for a full refresh first
+            await consumer._client.force_metadata_update()  # noqa: SLF001
+            parts = consumer.partitions_for_topic(self.topic)
             if not parts:
                 # no topic yet, so no command yet; look again with a fresh client (fresh metadata)
                 self._ready.set()

@@ -403,7 +403,9 @@ async def _partitions(consumer: Any, topic: str, follow: bool, err: TextIO) -> l
 
     warned = False
     while True:
-        await consumer.topics()  # refreshes metadata
+        # a real Kafka's first metadata answer lists no topic: ask for a full refresh (never
+        # subscribe to learn it: that could auto-create the topic with the wrong cleanup policy)
+        await consumer._client.force_metadata_update()  # noqa: SLF001
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return [TopicPartition(topic, p) for p in sorted(parts)]
@@ -466,20 +468,32 @@ async def tail(settings: Settings, what: str, *, follow: bool = False, as_json: 
         else:
             await consumer.seek_to_beginning(*tps)
         last = time.monotonic()
+        order = lambda r: (r.timestamp, r.partition, r.offset)  # noqa: E731
+        backlog: list[Any] = []  # without --follow: everything up to now, printed in one time order
         while True:
             batch = await consumer.getmany(*tps, timeout_ms=200, max_records=1000)
-            records = sorted((r for recs in batch.values() for r in recs),
-                             key=lambda r: (r.timestamp, r.partition, r.offset))
+            got = [r for recs in batch.values() for r in recs]
+            if not follow:
+                # partitions arrive in separate fetches (a real Kafka): sort across all of them
+                backlog.extend(got)
+                if got:
+                    last = time.monotonic()
+                    continue
+                if time.monotonic() - last < idle:
+                    continue
+                got, backlog = backlog, []
+            records = sorted(got, key=order)
             for r in records:
                 if printer.handle(r.value, timestamp_ms=r.timestamp, topic=r.topic, partition=r.partition,
                                   offset=r.offset) and max_records is not None \
                         and printer.stats.printed >= max_records:
                     out.flush()
                     return printer.stats
+            if not follow:
+                out.flush()
+                return printer.stats
             if records:
                 out.flush()
                 last = time.monotonic()
-            elif not follow and time.monotonic() - last >= idle:
-                return printer.stats
     finally:
         await consumer.stop()

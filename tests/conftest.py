@@ -1,6 +1,18 @@
+"""Shared fixtures. Every test that takes ``broker`` (directly or through ``isolated``) runs once
+per broker kind: ``tansu`` (the embedded broker) and ``kafka`` (real Apache Kafka, KRaft, started
+by ``deploy/kafka.sh``). Each broker is started once per test session, on first use.
+
+``BREAKWATER_TEST_BROKER`` picks the kinds: unset or ``both`` = tansu and kafka; ``tansu``;
+``kafka``; or ``kafka://host:port[,host:port]`` = only an existing Kafka cluster (nothing started).
+Without Java the kafka variants skip with the reason, unless ``BREAKWATER_TEST_REQUIRE_KAFKA=1``
+(CI) makes that an error. ``@pytest.mark.tansu("why")`` keeps a test off Kafka: only for tests that
+exist because of a Tansu quirk.
+"""
+
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import pytest
@@ -9,13 +21,111 @@ from streams.app import ensure_topics
 from streams.broker import EmbeddedBroker
 from streams.dev import WorkerProcess
 from streams.settings import Settings
+from tests.kafka_broker import KafkaBroker, unavailable_reason, worker_env_for
+
+
+def _broker_choice() -> tuple[list[str], str | None]:
+    """``(kinds, existing Kafka bootstrap or None)`` from ``BREAKWATER_TEST_BROKER``."""
+    raw = os.environ.get("BREAKWATER_TEST_BROKER", "").strip()
+    if raw.lower() in ("", "both", "all"):
+        return ["tansu", "kafka"], None
+    if raw.lower() in ("tansu", "kafka"):
+        return [raw.lower()], None
+    if raw.startswith("kafka://") or ":" in raw:
+        return ["kafka"], raw
+    raise pytest.UsageError(f"BREAKWATER_TEST_BROKER={raw!r}: use tansu, kafka, both or kafka://host:port")
+
+
+BROKER_KINDS, EXISTING_KAFKA = _broker_choice()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kafka: runs on real Apache Kafka (the kafka variant of a broker test)")
+    config.addinivalue_line("markers", "tansu(reason): exists because of a Tansu quirk; not run on Kafka")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Drop the kafka variant of tests marked ``tansu`` (they test a Tansu quirk, not the product)."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        (drop if params.get("broker") == "kafka" and item.get_closest_marker("tansu") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+class _BrokerPool:
+    """The session's brokers, one per kind, started on first use and stopped at the end."""
+
+    def __init__(self) -> None:
+        self.brokers: dict[str, EmbeddedBroker | KafkaBroker] = {}
+        self.failures: dict[str, BaseException] = {}
+
+    def get(self, kind: str):
+        if kind in self.brokers:
+            return self.brokers[kind]
+        if kind in self.failures:
+            raise self.failures[kind]
+        try:
+            if kind == "kafka" and EXISTING_KAFKA is None:
+                reason = unavailable_reason()
+                if reason is not None:
+                    if os.environ.get("BREAKWATER_TEST_REQUIRE_KAFKA") == "1":
+                        raise RuntimeError(f"Kafka tier required (BREAKWATER_TEST_REQUIRE_KAFKA=1) but {reason}")
+                    pytest.skip(f"Kafka tier skipped: {reason}")
+            b = EmbeddedBroker() if kind == "tansu" else KafkaBroker(existing=EXISTING_KAFKA)
+            b.start()
+        except BaseException as exc:  # pytest's Skipped too: remembered, never retried
+            self.failures[kind] = exc
+            raise
+        self.brokers[kind] = b
+        return b
+
+    def stop_all(self) -> None:
+        for b in self.brokers.values():
+            b.stop()
+        self.brokers.clear()
 
 
 @pytest.fixture(scope="session")
-def broker():
-    b = EmbeddedBroker()
+def broker_pool():
+    pool = _BrokerPool()
     try:
-        b.start()
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+_KIND_PARAMS = [pytest.param(k, marks=[pytest.mark.kafka] if k == "kafka" else []) for k in BROKER_KINDS]
+
+
+@pytest.fixture(scope="session", params=_KIND_PARAMS)
+def broker(request, broker_pool):
+    """The session's broker of this kind (``request.param``: ``"tansu"`` or ``"kafka"``)."""
+    return broker_pool.get(request.param)
+
+
+@pytest.fixture
+def broker_kind(broker) -> str:
+    return "kafka" if isinstance(broker, KafkaBroker) else "tansu"
+
+
+@pytest.fixture(params=_KIND_PARAMS)
+def fresh_broker(request, broker_pool):
+    """A broker of this kind of the test's own, not started yet (for tests that freeze or restart
+    it); stopped after the test whatever happens."""
+    if request.param == "kafka":
+        if EXISTING_KAFKA is not None:
+            pytest.skip("needs a Kafka broker of its own (it freezes it), not an existing cluster")
+        reason = unavailable_reason()
+        if reason is not None:
+            if os.environ.get("BREAKWATER_TEST_REQUIRE_KAFKA") == "1":
+                raise RuntimeError(f"Kafka tier required (BREAKWATER_TEST_REQUIRE_KAFKA=1) but {reason}")
+            pytest.skip(f"Kafka tier skipped: {reason}")
+    b = EmbeddedBroker() if request.param == "tansu" else KafkaBroker()
+    try:
         yield b
     finally:
         b.stop()
@@ -36,6 +146,7 @@ def isolated(broker, tmp_path):
         "BREAKWATER_TOPIC_INCIDENTS": f"incidents-{tag}",
         "BREAKWATER_TOPIC_BREAKER": f"breaker-{tag}",
         "BREAKWATER_TOPIC_DLQ": f"dlq-{tag}",
+        **worker_env_for(broker),
     }
     settings = Settings(
         broker=broker.url, partitions=2, app_id=f"bw-{tag}", topic_spans=env["BREAKWATER_TOPIC_SPANS"],

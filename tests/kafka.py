@@ -1,4 +1,4 @@
-"""Helpers for integration tests: real aiokafka clients against the embedded broker."""
+"""Helpers for integration tests: real aiokafka clients against the test broker (Tansu or Kafka)."""
 
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streams.app import ensure_topics
-from streams.broker import EmbeddedBroker
 from streams.dev import WorkerProcess
 from streams.settings import Settings
 from tests.kafka import collect, produce
+from tests.kafka_broker import worker_env_for
 from tests.otel import agent_spans, flat_json, to_flat
 
 pytestmark = pytest.mark.broker
@@ -216,17 +216,17 @@ def test_worker_leaving_a_two_worker_group_gives_the_same_incidents_as_replay(is
     assert opened(incs) == opened(replay(tmp_path, flat + calm_flat + pflat))
 
 
-def test_broker_frozen_for_10s_worker_recovers_without_restart(tmp_path):
+def test_broker_frozen_for_10s_worker_recovers_without_restart(fresh_broker, tmp_path):
     """SIGSTOP the broker for 10 s (memory storage: it must not be restarted), then SIGCONT: the same
     worker process recovers, and loops sent before, during and after the freeze are all detected."""
-    broker = EmbeddedBroker()
+    broker = fresh_broker  # its own broker (tansu or kafka): the session's is not frozen
     w: WorkerProcess | None = None
     try:
         broker.start()
         settings = Settings(broker=broker.url, partitions=2, app_id=f"bw-freeze-{uuid.uuid4().hex[:6]}")
         asyncio.run(ensure_topics(settings))
         w = WorkerProcess(broker.bootstrap, app_id=settings.app_id, data_dir=str(tmp_path / "w"),
-                          extra_env={"BREAKWATER_PARTITIONS": "2"}).start()
+                          extra_env={"BREAKWATER_PARTITIONS": "2", **worker_env_for(broker)}).start()
         pid = w.proc.pid
         tag = uuid.uuid4().hex[:6]
         groups = {when: [f"{when}-{tag}-{i}" for i in range(4)] for when in ("before", "during", "after")}
@@ -240,6 +240,9 @@ def test_broker_frozen_for_10s_worker_recovers_without_restart(tmp_path):
         async def send_during_freeze() -> None:
             p = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", request_timeout_ms=40_000)
             await p.start()
+            # learn the topic's partitions now: Tansu's bootstrap metadata lists every topic, Kafka's
+            # lists none, and a send would then wait on metadata from the frozen broker
+            await p.partitions_for(settings.topic_spans)
             try:
                 broker.pause()
                 t_pause = time.monotonic()

@@ -117,9 +117,11 @@ def test_live_worker_caps_distinct_sessions(isolated):
     w = start_worker(extra_env={"BREAKWATER_MAX_KEYS_PER_PARTITION": str(cap)})
     tag = uuid.uuid4().hex[:6]
 
+    now = time.time_ns() - 60 * 10**9  # live: event times near the wall clock (older ones are clock_skew)
+
     def span(i: int) -> dict:
         return {"trace_id": f"{i + 1:032x}", "span_id": f"{i + 1:016x}", "name": "search",
-                "start_time_unix_nano": T0 + i * 1000, "end_time_unix_nano": T0 + i * 1000 + 10**6,
+                "start_time_unix_nano": now + i * 1000, "end_time_unix_nano": now + i * 1000 + 10**6,
                 "attributes": {"gen_ai.conversation.id": f"{tag}-{i}", "gen_ai.tool.name": "search",
                                "gen_ai.operation.name": "execute_tool", "tool.payload_hash": "h"}}
 

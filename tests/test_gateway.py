@@ -296,7 +296,8 @@ def test_live_commands_release_and_expiry(broker):
                                                     _rec("hold", "session", "s2", expires_at=soon)])
             assert await until(lambda: not c.check(session="s1").allow), "halt not seen"
             seen = time.monotonic() - t
-            assert not c.check(session="s2").allow
+            # s2's record may sit in another partition, fetched a moment later (Kafka; Tansu hands both at once)
+            assert await until(lambda: not c.check(session="s2").allow), "hold not seen"
             await produce(broker.bootstrap, topic, [_rec("release", "session", "s1", expires_at=None)])
             assert await until(lambda: c.check(session="s1").allow), "release not seen"
             # s2 expires by the clock, with no record
