@@ -65,7 +65,6 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -93,15 +92,10 @@ MAX_STREAMS = 32
 
 
 def _epoch_s(ts: str | None) -> float | None:
-    if not ts:
-        return None
-    try:
-        dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    from streams.tail import _parse_time  # one RFC 3339 reader for tail and the console
+
+    dt = _parse_time(ts)
+    return None if dt is None else dt.timestamp()
 
 
 def _demo_incident(incident_id: str, *, status: str = "open", detector: str = "no_progress_loop",
