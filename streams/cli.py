@@ -1,4 +1,4 @@
-"""``breakwater`` command line (SPEC §7). Imports are lazy so ``replay`` starts fast.
+"""``breakwater`` command line (README "Commands"). Imports are lazy so ``replay`` starts fast.
 
 Errors a person can act on (bad env values, an unreachable broker, bad flag values) are one line
 on stderr and exit code 2 (:mod:`streams.errors`); ``--debug`` shows their traceback. A closed

@@ -1,7 +1,7 @@
 """The producer side: an OpenTelemetry SDK :class:`KafkaSpanExporter` that publishes to ``agent.spans``.
 
 An agent instrumented with the OpenTelemetry SDK adds one span processor and its spans reach
-Breakwater as flat JSON (SPEC §3), one JSON array per session per batch, keyed by session::
+Breakwater as flat JSON (README "What producers send"), one JSON array per session per batch, keyed by session::
 
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -116,7 +116,7 @@ def _resource(resource: Any, redact: bool) -> dict[str, Any]:
 
 
 def flat_span(span: ReadableSpan, *, redact: bool = True) -> dict[str, Any]:
-    """A finished SDK span as Breakwater's flat JSON object (SPEC §3, OTel's own field names).
+    """A finished SDK span as Breakwater's flat JSON object (README "What producers send", OTel's own field names).
 
     >>> from opentelemetry.sdk.trace import TracerProvider
     >>> from opentelemetry.sdk.trace.export import SimpleSpanProcessor

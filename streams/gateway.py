@@ -11,7 +11,7 @@ keeps the current command per key ``"{scope.kind}:{scope.key}"`` in memory, and 
     if not d.allow:
         reject(429 if d.action == "throttle" else 403, d.message())
 
-Rules (SPEC §6):
+Rules (schemas/agent.breaker.schema.json):
 
 * the latest record per key wins (a key always lives on one partition, so offset order is
   enough); a ``release`` command or a tombstone (value ``None``) removes the key; a command whose
@@ -343,7 +343,7 @@ class BreakerClient:
     prefixes allowed). ``clock`` (epoch seconds) decides expiry and refills throttle buckets.
     ``default_rate_per_s`` applies to a throttle that carries no ``rate_limit_per_s``.
     ``ready_idle_s``: the embedded broker's ListOffsets(latest) can trail the true end by a batch
-    (SPEC §8), so the client is also caught up after this long without a record.
+    (README "The embedded broker"), so the client is also caught up after this long without a record.
 
     >>> c = BreakerClient("kafka://127.0.0.1:9092", topic="agent.breaker", clock=lambda: 100.0)
     >>> c.apply(b"route:openai/gpt-4o", command_json("throttle", "route", "openai/gpt-4o",

@@ -28,7 +28,7 @@ from streams import __version__ as _version
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-#: Detectors of SPEC §4 and the scope of the state each keeps (session-scoped detectors share
+#: Detectors of README "Detectors" and the scope of the state each keeps (session-scoped detectors share
 #: the session table, so they track the same keys).
 DETECTORS: dict[str, str] = {
     "no_progress_loop": "session",

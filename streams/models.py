@@ -1,9 +1,9 @@
-"""Data contracts of Breakwater (SPEC §3, §5, §6).
+"""Data contracts of Breakwater (README "What producers send", §5, §6).
 
 Two kinds of types live here:
 
 * :class:`Span` — the normalized span every detector reads.  It is a slotted dataclass, not a
-  pydantic model, because it is built once per span on the hot path (SPEC §9: a pydantic
+  pydantic model, because it is built once per span on the hot path (README "Measured": a pydantic
   validation costs ≈7 µs, a slotted dataclass a fraction of that).  Its wire form on the internal
   repartition topic is :meth:`Span.to_wire` / :meth:`Span.from_wire` (plain orjson).
 * pydantic models for everything that crosses a topic boundary to users: :class:`Incident`,
@@ -85,7 +85,7 @@ class Features:
 
 @dataclass(slots=True)
 class Span:
-    """A normalized span (SPEC §3).
+    """A normalized span (README "What producers send").
 
     ``attributes`` and ``resource`` are flat dicts with dotted keys.  Raw prompts, completions and
     tool arguments never reach this object: ingest replaces tool arguments by their hash
@@ -115,7 +115,7 @@ class Span:
     feat: Features | None = field(default=None, compare=False, repr=False)
 
     def attr(self, key: str, default: Any = None) -> Any:
-        """Span attribute, else resource attribute, else ``default`` (span wins, SPEC §3)."""
+        """Span attribute, else resource attribute, else ``default`` (span wins, README "What producers send")."""
         v = self.attributes.get(key)
         if v is None:
             v = self.resource.get(key, default)
@@ -220,7 +220,7 @@ class CommandScope(_Frozen):
 
 
 class Incident(_Frozen):
-    """Value on ``agent.incidents`` (SPEC §5), keyed by ``incident_id``.
+    """Value on ``agent.incidents`` (schemas/agent.incidents.schema.json), keyed by ``incident_id``.
 
     >>> i = Incident(incident_id="inc-1", detector="no_progress_loop", severity="critical",
     ...     status="open", scope=IncidentScope(kind="session", key="s1"), tenant="t",
@@ -254,7 +254,7 @@ class Incident(_Frozen):
 
 
 class BreakerCommand(_Frozen):
-    """Value on ``agent.breaker`` (SPEC §6), keyed by ``"{scope.kind}:{scope.key}"``.
+    """Value on ``agent.breaker`` (schemas/agent.breaker.schema.json), keyed by ``"{scope.kind}:{scope.key}"``.
 
     >>> c = BreakerCommand(command_id="cmd-1", action="halt",
     ...     scope=CommandScope(kind="session", key="s1"), mode="enforce", reason="loop",
@@ -292,7 +292,7 @@ class FlatEventIn(BaseModel):
 
 
 class FlatSpanIn(BaseModel):
-    """One flat span on ``agent.spans`` (SPEC §3): OTel's own field names, flat dotted attributes.
+    """One flat span on ``agent.spans`` (README "What producers send"): OTel's own field names, flat dotted attributes.
 
     A message value is one such object, a JSON array of them, or JSON lines.
     """

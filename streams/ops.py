@@ -184,7 +184,7 @@ def sample_lag(app: Any, topics: set[str]) -> dict[tuple[str, int], int]:
 
     The end is the high watermark of the consumer's last fetch, raised to the last offset read
     + 1 (a broker's high watermark can trail what was already read: Tansu's ListOffsets(latest)
-    quirk, SPEC §8); before the first commit the read position stands in for the committed
+    quirk, README "The embedded broker"); before the first commit the read position stands in for the committed
     offset. Never negative. Uses faust consumer internals, so it tolerates their absence.
     """
     consumer = app.consumer

@@ -1,4 +1,4 @@
-"""What the detectors read from a span (SPEC §3 attribute table), in one place.
+"""What the detectors read from a span (README "What producers send" attribute table), in one place.
 
 Every function takes a normalized :class:`~streams.models.Span` and applies "first present wins",
 span attributes before resource attributes.
@@ -233,7 +233,7 @@ def route_of(span: Span) -> str | None:
 
 
 # ----------------------------------------------------------------------------- retries and cost
-# (added for retry_storm and cost_velocity, SPEC §4.2–4.3)
+# (added for retry_storm and cost_velocity, README "Detectors")
 
 AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent"})
 MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
@@ -333,7 +333,7 @@ def cached_tokens_of(span: Span) -> int:
     return features(span).cached_tokens
 
 
-# -- helpers for plan_deadlock and silent_success (SPEC §4.4–4.5)
+# -- helpers for plan_deadlock and silent_success (README "Detectors")
 
 
 def outcome_of(span: Span) -> str | None:

@@ -711,7 +711,7 @@ def _arrivals(seed: int, mean_gap_s: float, salt: str = "") -> Iterator[int]:
 
 def generate(seed: int, sessions: int, start_ns: int, *, loops: int, tenants: int = 3,
              mean_gap_s: float = 2.0, time_scale: float = 1.0, inject: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
-    """Yield the flat spans (SPEC §3) of ``sessions`` agent runs in event-time order.
+    """Yield the flat spans (README "What producers send") of ``sessions`` agent runs in event-time order.
 
     Sessions start ``mean_gap_s`` apart on average (Poisson arrivals) and last 1–3 minutes
     (times ``time_scale``), so many run concurrently. The first ``loops`` sessions are injected

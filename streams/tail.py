@@ -10,7 +10,7 @@ Times are RFC 3339 in UTC, with the date and ``Z``.
 
 Colours when the output is a terminal (and ``NO_COLOR`` is unset); ``--json`` prints each value
 as one compact JSON line instead. Without ``follow`` it stops once the topic has been quiet for
-``idle_timeout_s`` (the embedded broker's end offsets cannot be trusted, SPEC §8). Records that
+``idle_timeout_s`` (the embedded broker's end offsets cannot be trusted, README "The embedded broker"). Records that
 cannot be parsed are skipped with a counted warning on stderr; nothing a producer writes can crash
 the tail or inject terminal escape sequences, and raw tool arguments are never printed.
 
@@ -111,7 +111,7 @@ def _scope(d: dict[str, Any]) -> str:
 
 
 def format_incident(d: dict[str, Any], color: bool = False) -> str:
-    """One line for an incident (SPEC §5); times are the event time, RFC 3339 in UTC.
+    """One line for an incident (schemas/agent.incidents.schema.json); times are the event time, RFC 3339 in UTC.
 
     >>> inc = {"detected_at": "2026-01-01T12:00:03.120456Z", "severity": "critical",
     ...        "detector": "no_progress_loop", "scope": {"kind": "session", "key": "s1"},
@@ -144,7 +144,7 @@ def format_incident(d: dict[str, Any], color: bool = False) -> str:
 
 
 def format_command(d: dict[str, Any], color: bool = False) -> str:
-    """One line for a breaker command (SPEC §6); times are RFC 3339 in UTC.
+    """One line for a breaker command (schemas/agent.breaker.schema.json); times are RFC 3339 in UTC.
 
     >>> cmd = {"action": "throttle", "scope": {"kind": "route", "key": "openai/gpt-4o", "tenant": "acme"},
     ...        "mode": "shadow", "reason": "retry_storm", "issued_at": "2026-01-01T12:00:03Z",

@@ -32,7 +32,7 @@ def agent_spans(session: str, calls: list[tuple[str, str]], *, tenant: str = "ac
 
 
 def to_flat(span) -> dict:
-    """A ReadableSpan in Breakwater's flat JSON (SPEC §3: OTel's own names)."""
+    """A ReadableSpan in Breakwater's flat JSON (README "What producers send": OTel's own names)."""
     ctx = span.get_span_context()
     return {
         "trace_id": f"{ctx.trace_id:032x}",

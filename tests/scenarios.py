@@ -1,4 +1,4 @@
-"""Replay scenarios of SPEC §4.1 as input files: each loop kind and the benign look-alikes,
+"""Replay scenarios of README "Detectors" as input files: each loop kind and the benign look-alikes,
 written as flat JSON lines, one JSON array, and OTLP JSON (hex ids, AnyValue, int64 strings)."""
 
 from __future__ import annotations

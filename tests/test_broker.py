@@ -24,7 +24,7 @@ from streams.broker import EmbeddedBroker, create_topics, free_port, ping, stop_
 pytestmark = pytest.mark.broker
 
 REPO = Path(__file__).resolve().parent.parent
-# Short group timeouts: Tansu joins groups slowly otherwise (SPEC §8).
+# Short group timeouts: Tansu joins groups slowly otherwise (README "The embedded broker").
 GROUP_TIMEOUTS = dict(session_timeout_ms=3000, heartbeat_interval_ms=500, rebalance_timeout_ms=3000)
 
 

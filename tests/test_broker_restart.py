@@ -1,6 +1,6 @@
 """A durable embedded broker killed (SIGKILL) and restarted mid-stream (issue 14, finding 10).
 
-The broker is Tansu with its S3 storage engine over a local S3 server (moto's server mode, SPEC §8):
+The broker is Tansu with its S3 storage engine over a local S3 server (moto's server mode, README "The embedded broker"):
 ``EmbeddedBroker(storage_engine="s3://tansu/", env=...)``; ``kill()`` then ``start()`` is a crash and
 a restart on the same port and the same storage. Every process binds 127.0.0.1 on a free port and
 is stopped by pid, even when a test fails.

@@ -1,4 +1,4 @@
-"""cost_velocity: pre-aggregation, the session core and the tenant baseline (SPEC §4.3)."""
+"""cost_velocity: pre-aggregation, the session core and the tenant baseline (README "Detectors")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""plan_deadlock core: cycles, wait-for deadlocks, revisions, dangling steps (SPEC §4.4)."""
+"""plan_deadlock core: cycles, wait-for deadlocks, revisions, dangling steps (README "Detectors")."""
 
 from __future__ import annotations
 

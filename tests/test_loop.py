@@ -1,4 +1,4 @@
-"""no_progress_loop core: table-driven sequences, loops and their benign look-alikes (SPEC §4.1)."""
+"""no_progress_loop core: table-driven sequences, loops and their benign look-alikes (README "Detectors")."""
 
 from __future__ import annotations
 

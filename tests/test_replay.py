@@ -1,4 +1,4 @@
-"""``breakwater replay`` end to end (a subprocess, as a user runs it): every loop kind of SPEC §4.1
+"""``breakwater replay`` end to end (a subprocess, as a user runs it): every loop kind of README "Detectors"
 found, nothing in the benign cases, in every encoding, byte-identical on a second run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""retry_storm: pre-aggregation, implicit retries and the route / session cores (SPEC §4.2)."""
+"""retry_storm: pre-aggregation, implicit retries and the route / session cores (README "Detectors")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Security (SPEC §2, §3): SASL/SSL settings reach every Kafka client, misconfiguration fails with a
+"""Security (README "Topics", §3): SASL/SSL settings reach every Kafka client, misconfiguration fails with a
 message naming the env var, and raw prompts, completions, tool arguments and secrets never appear in
 any output (incidents, breaker commands, logs, metrics) of replay or of a live worker.
 

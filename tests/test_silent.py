@@ -1,4 +1,4 @@
-"""silent_success core: trace assembly on event time, the three gap kinds, late spans (SPEC §4.5)."""
+"""silent_success core: trace assembly on event time, the three gap kinds, late spans (README "Detectors")."""
 
 from __future__ import annotations
 

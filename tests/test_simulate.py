@@ -1,6 +1,6 @@
 """The simulator: deterministic, well-shaped, realistic, and honest about its ground truth.
 
-The loop rules of SPEC §4.1 are re-implemented here by a deliberately naive checker, independent of
+The loop rules of README "Detectors" are re-implemented here by a deliberately naive checker, independent of
 the detector, so a healthy session that looks like a loop (or an injected one that does not) fails
 the test whatever the detector does.
 """
@@ -50,7 +50,7 @@ def fp(s: dict) -> tuple[str, str | None] | None:
 
 
 def loop_violations(session: list[dict]) -> set[str]:
-    """Naive SPEC §4.1 checker over one session's spans in end-time order."""
+    """Naive README "Detectors" checker over one session's spans in end-time order."""
     found: set[str] = set()
     state = None
     calls: dict[tuple, list[int]] = defaultdict(list)

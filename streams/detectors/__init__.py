@@ -1,1 +1,1 @@
-"""Pure detector cores, one module each (SPEC §4)."""
+"""Pure detector cores, one module each (README "Detectors")."""

@@ -1,4 +1,4 @@
-"""cost_velocity (SPEC §4.3): a session spending too fast or too much, a tenant spending unusually.
+"""cost_velocity (README "Detectors"): a session spending too fast or too much, a tenant spending unusually.
 
 Like retry_storm, in pure parts that know nothing of Kafka:
 
@@ -85,7 +85,7 @@ def usd(nusd: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class CostParams:
-    """Parameters of cost_velocity (SPEC §4.3 defaults), validated once.
+    """Parameters of cost_velocity (README "Detectors" defaults), validated once.
 
     >>> CostParams(z_threshold=0)
     Traceback (most recent call last):

@@ -1,4 +1,4 @@
-"""plan_deadlock (SPEC §4.4): plan steps that wait on each other, so none of them can ever run.
+"""plan_deadlock (README "Detectors"): plan steps that wait on each other, so none of them can ever run.
 
 Scope: workflow (``workflow.id``, ``workflow.run_id``, else the trace id). Each workflow has two
 graphs of "step *u* needs step *v*" edges:

@@ -1,4 +1,4 @@
-"""no_progress_loop (SPEC §4.1): an agent repeating itself without making progress.
+"""no_progress_loop (README "Detectors"): an agent repeating itself without making progress.
 
 Scope: session. Rules, all reset by progress (a changed ``agent.state_hash``, or a successful
 mutation with a fingerprint the session has not mutated with before):

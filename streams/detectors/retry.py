@@ -1,4 +1,4 @@
-"""retry_storm (SPEC §4.2): many retries on one route, or by one session, within 60 s.
+"""retry_storm (README "Detectors"): many retries on one route, or by one session, within 60 s.
 
 Spans are partitioned by session, but a route storm needs all of a route's retries in one place.
 So the detector comes in three pure parts, none of which knows Kafka:
@@ -45,7 +45,7 @@ summed; when a chain's earlier attempts were not exported (a client that exports
 failure), the chain counts its highest ordinal (:class:`ImplicitRetryTracker` adds the gap). A span
 without a retry attribute that repeats a failed call is an implicit retry (1); a span that says it
 is attempt 0 is the first attempt of a new request, never a retry; no span counts twice.
-A *call* is a span with a route (SPEC §3: provider/model, or the tool name) that is no agent span.
+A *call* is a span with a route (README "What producers send": provider/model, or the tool name) that is no agent span.
 Implicit retries are decided in a session's arrival order (a session's spans stay in one partition,
 in order, so live and replay agree); everything after that depends on event time only.
 
@@ -118,7 +118,7 @@ _FOLD = (("spans", SAMPLE, True),)  # the latest retry spans the window has seen
 
 @dataclass(frozen=True, slots=True)
 class RetryParams:
-    """Parameters of retry_storm (SPEC §4.2 defaults), validated once.
+    """Parameters of retry_storm (README "Detectors" defaults), validated once.
 
     >>> RetryParams(route_min_ratio=1.5)
     Traceback (most recent call last):

@@ -1,4 +1,4 @@
-"""silent_success (SPEC §4.5): an agent run that reports success over a gap it did not close.
+"""silent_success (README "Detectors"): an agent run that reports success over a gap it did not close.
 
 Scope: trace. Spans of a trace arrive in any order (children before or after the root, across
 batches). The **root agent span** is the topmost ``invoke_agent`` span (earliest start, then longest,

@@ -1,7 +1,7 @@
 """Ingest: one Kafka message value (or one replay-file line) to normalized, scrubbed spans.
 
 Pure functions, no Kafka.  :func:`decode` auto-detects flat JSON (object, array, JSON lines),
-OTLP JSON and OTLP protobuf, normalizes every span to :class:`~streams.models.Span` (SPEC §3),
+OTLP JSON and OTLP protobuf, normalizes every span to :class:`~streams.models.Span` (README "What producers send"),
 applies the privacy rule (tool arguments hashed into ``tool.payload_hash``, content attributes
 dropped) and never raises: what cannot become a span becomes a
 :class:`~streams.models.Rejection`.  :func:`iter_documents` splits replay files.

@@ -1,4 +1,4 @@
-"""Auto-detecting decoder for one Kafka message value, and the replay-file splitter (SPEC §2, §7).
+"""Auto-detecting decoder for one Kafka message value, and the replay-file splitter (README "Topics", §7).
 
 >>> d = decode(b'{"trace_id": "' + b"ab" * 16 + b'", "span_id": "' + b"cd" * 8
 ...            + b'", "name": "chat", "start_time_unix_nano": 1, "end_time_unix_nano": 2}')
@@ -31,7 +31,7 @@ _WS = b" \t\r\n\x0b\x0c"
 class Decoded:
     """What one message value yields.
 
-    ``spans`` are normalized and scrubbed (SPEC §3); ``rejections`` name what could not become a
+    ``spans`` are normalized and scrubbed (README "What producers send"); ``rejections`` name what could not become a
     span (``index`` = position of the span candidate in the message, ``None`` for message-level
     problems).  ``format`` is ``"flat"``, ``"otlp_json"``, ``"otlp_proto"``, ``"empty"`` (a
     well-formed message without spans, e.g. an empty value or ``[]``) or ``"unknown"`` (not

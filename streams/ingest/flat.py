@@ -1,4 +1,4 @@
-"""Normalization shared by every encoding, and the flat-JSON span shape (SPEC §3).
+"""Normalization shared by every encoding, and the flat-JSON span shape (README "What producers send").
 
 Everything here is a pure function of already-parsed values.  Problems are raised as :class:`Bad`
 (a stable ``reason`` code and a ``detail`` that names fields, positions and counts only, never

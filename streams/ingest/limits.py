@@ -1,4 +1,4 @@
-"""Resource limits applied to every ingested message (SPEC §2, §3).
+"""Resource limits applied to every ingested message (README "Topics", §3).
 
 Limits protect the hot path and detector state from hostile or broken producers.  Exceeding a
 limit never raises: :func:`streams.ingest.decode` turns it into a
