@@ -156,10 +156,11 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
         broker_commit_interval=settings.commit_interval_s,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
-        # The embedded broker's ListOffsets(latest) can trail the true end of a changelog (README "The embedded broker"),
-        # so after a crash RocksDB's persisted offset can legitimately exceed the reported highwater;
-        # faust's check would then crash every restart of the worker on its own data dir.
-        recovery_consistency_check=False,
+        # Off by default: the embedded broker's ListOffsets(latest) can trail the true end of a
+        # changelog (README "The embedded broker"), so RocksDB's persisted offset can legitimately
+        # exceed the reported highwater and faust's check would crash every restart; on Kafka, on.
+        recovery_consistency_check=settings.recovery_consistency_check,
+        processing_guarantee=settings.processing_guarantee,
         web_enabled=False,
         producer_acks=-1,
         producer_linger=0.005,

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     batch_max: int = Field(2000, ge=1, description="Max Kafka messages per processing batch.")
     batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a processing batch (s).")
     commit_interval_s: float = Field(1.0, gt=0, description="Offset commit interval (s).")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="Worker processing guarantee: `at_least_once` (deterministic ids, consumers de-duplicate "
+        "by key) or `exactly_once` (Kafka transactions; needs a broker with transactions, not the embedded one).")
+    recovery_consistency_check: bool = Field(
+        False,
+        description="Check on start that each table's stored offset is not past its changelog's end (faust); "
+        "off by default because the embedded broker under-reports a changelog's end.")
     group_session_timeout_s: float = Field(
         6.0, gt=0, description="Consumer group session timeout (s); short suits the embedded broker."
     )
