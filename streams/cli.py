@@ -108,6 +108,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
 
+    from streams.errors import check_protobuf_backend
+
+    check_protobuf_backend()
     settings = _settings(args)
     policy = _policy(args.policy, settings)
     _check_broker(settings)
