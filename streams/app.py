@@ -25,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
-import heapq
 import logging
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -43,7 +41,8 @@ from streams.ingest import Limits, decode
 from streams.ingest.clock import check_wall
 from streams.ingest.dialects import BAD_VALUES
 from streams.models import Rejection, Span
-from streams.stages import build_stages, group
+from streams.runner import EventClock, KeyedRunner
+from streams.stages import build_stages, group, idle_ttl_ns, runner_for
 from streams.policy import Policy
 from streams.settings import Settings
 
@@ -201,7 +200,7 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
                              partitions=n_parts, options=rocksdb_options(settings)),
                    n_parts, lateness_ns, idle_ttl_ns(policy, stage.name), publish,
                    settings.batch_max, settings.batch_within_s, settings.max_keys_per_partition,
-                   settings.max_state_bytes, idle_of(stage.name, idle_ttl_ns(policy, stage.name)))
+                   settings.max_state_bytes, policy)
         for stage in build_stages(policy)
     ]
 
@@ -426,101 +425,50 @@ def pack_keyed(head: bytes, items: Iterable[tuple[str, list]], budget: int = PAC
         yield head + b"{" + b",".join(parts) + b"}}"
 
 
-def idle_ttl_ns(policy: Policy, stage: str) -> int:
-    """Event time after its last span past which a stage's state may be gone (eviction sweep bound)."""
-    if stage == "session":
-        return int(policy.max_ttl_s("no_progress_loop", "session_ttl_s") * 1e9)
-    if stage == "trace":
-        return int((policy.max_ttl_s("silent_success", "orphan_ttl_s")
-                    + policy.max_ttl_s("silent_success", "retention_s")) * 1e9)
-    if stage == "scope":  # tenants keep their learned spend baseline through quiet hours
-        return int(max(policy.max_ttl_s("cost_velocity", "tenant_breaker_ttl_s"), 21600.0) * 1e9)
-    return int(policy.max_ttl_s("plan_deadlock", "workflow_ttl_s") * 1e9)
+class TableStore:
+    """The live :class:`streams.runner.Store`: a faust table (RocksDB + changelog) behind a
+    write-behind cache.
 
+    Live states stay in a bounded cache; a changed key is written to the table once per flush
+    (before every offset commit and on rebalance, never ahead of the offsets), not once per batch,
+    so a key busy in many batches costs one table write per flush (README "Measured": a table
+    write ≈ 0.4–0.6 ms). A state whose step published a record is written only once the batch's
+    records are delivered (:meth:`settle`), and a dropped key leaves the table then too: a crash in
+    between makes the re-delivered input publish them again (the same ids: at-least-once), never
+    lose a halt that was only in the producer's buffer while the store already said the episode
+    was open.
 
-ROUTE_IDLE_NS = 600 * 10**9  # a route's window is 60 s: 10 min of silence and its state can go
-
-
-def idle_of(stage: str, idle_ns: int) -> Any:
-    """Per-key idle bound: the scope stage's route keys go after :data:`ROUTE_IDLE_NS` of silence
-    (a route holds a 60-s window), its tenant keys after ``idle_ns`` (6 h: the baseline)."""
-    if stage != "scope":
-        return None
-    return lambda key: ROUTE_IDLE_NS if key.startswith(b"route:") else idle_ns
-
-
-class KeyedStage:
-    """One stage wired to faust: its repartition topic, its table, timers and TTL sweep.
-
-    Per partition it keeps the max event time seen, a heap of timer deadlines and the keys in order
-    of last update (all rebuilt from the table after a rebalance). The live watermark is the max
-    event time minus the allowed lateness; while a partition is quiet, wall-clock ticks advance its
-    event time from its last span at wall speed, so quiet partitions still fire their timers.
-
-    State is written behind: live states stay in a bounded cache and a changed key is written to
-    the table (RocksDB + changelog) once per flush, not once per batch — before every offset
-    commit and on rebalance, never ahead of the offsets — so a key busy in many batches costs one
-    table write per flush (README "Measured": a table write ≈ 0.4–0.6 ms).
+    Each stored value carries the key's input offsets (``H{source: offset}\\n`` + the state), so
+    input re-delivered after a crash or rebalance is not applied to a key twice.
     """
 
-    CACHE_MAX = 2_000  # live states kept between flushes (per stage), beyond the dirty ones
+    CACHE_MAX = 2_000  # live states kept between flushes, beyond the dirty ones
 
-    def __init__(self, app: faust.App, stage: Any, topic: Any, table: Any, n_parts: int,
-                 lateness_ns: int, idle_ns: int, publish: Any, batch_max: int = 2000,
-                 batch_within_s: float = 0.05, max_keys: int = 0, max_state_bytes: int = STATE_BYTES,
-                 idle_of: Any = None) -> None:
-        self.app = app
-        self.max_state_bytes = max_state_bytes
-        self.idle_of = idle_of  # key -> idle bound (ns), when keys of one stage differ
-        self.max_keys = max_keys  # per partition; 0 = TTL only
-        self.batch_max = batch_max
-        self.batch_within_s = batch_within_s
+    def __init__(self, stage: Any, table: Any, max_state_bytes: int = 0) -> None:
         self.stage = stage
-        self.topic = topic
         self.table = table
-        self.n_parts = n_parts
-        self.lateness_ns = lateness_ns
-        self.idle_ns = idle_ns
-        self.publish = publish
-        self.max_event: dict[int, int] = {}
-        self.wall_at: dict[int, int] = {}
-        self.heaps: dict[int, list[tuple[int, bytes]]] = {}
-        self.index: dict[int, OrderedDict[bytes, int]] = {}
-        self.next_sweep: dict[int, int] = {}
-        self.needs_scan = True
-        self.forward_to: KeyedStage | None = None  # the route / tenant stage, for the session stage
-        self._forwards: dict[str, list] = {}
-        self._forward_hi = 0
-        self.cache: dict[bytes, Any] = {}  # key -> live state (clean or dirty)
+        self.max_state_bytes = max_state_bytes or STATE_BYTES
+        self.part = 0  # the partition being processed (its keys' writes are routed to it)
+        self.cache: dict[bytes, Any] = {}
+        self.hw: dict[bytes, dict[str, int]] = {}  # key -> {input "topic/partition": highest offset}
         self.dirty: dict[int, dict[bytes, None]] = {}  # partition -> changed keys, in order
-        self.ctx: dict[int, Any] = {}  # partition -> an event of it: routes table writes
-        self.pending: list[tuple[int, bytes, list]] = []  # states waiting for their records' delivery
-        self.delivering: dict[bytes, None] = {}
-        # key -> {input "topic/partition": highest offset applied}: stored with the state, so input
-        # re-delivered after a crash or rebalance (at-least-once) is not applied to a key twice
-        self.hw: dict[bytes, dict[str, int]] = {}
+        self.ctx: dict[int, Any] = {}  # partition -> an event of it: routes table writes at a flush
+        self.held: dict[bytes, None] = {}  # written at settle (their records are being delivered)
+        self.dropped: dict[bytes, None] = {}  # deleted at settle
 
     def reset(self) -> None:
-        self.cache.clear()
-        self.hw.clear()
-        self.dirty.clear()
-        self.ctx.clear()
-        self.heaps.clear()
-        self.index.clear()
-        self.next_sweep.clear()
-        self.needs_scan = True
+        for d in (self.cache, self.hw, self.dirty, self.ctx, self.held, self.dropped):
+            d.clear()
 
-    def install(self) -> None:
-        async def agent(stream: Any) -> None:
-            async for events in stream.take_events(self.batch_max, within=self.batch_within_s):
-                await self.process(events)
+    def __len__(self) -> int:
+        """Live keys: stored or cached, not dropped (O(keys): for tests and reports)."""
+        return len(set(self.table).union(self.cache).difference(self.dropped))
 
-        agent.__name__ = f"detect_{self.stage.name}"
-        self.app.agent(self.topic, name=f"detect-{self.stage.name}")(agent)
-
-    def get_state(self, key: bytes) -> Any:
+    def get(self, key: bytes) -> Any | None:
         st = self.cache.get(key)
         if st is None:
+            if key in self.dropped:
+                return None
             raw = self.table.get(key)
             if raw is None:
                 return None
@@ -530,8 +478,58 @@ class KeyedStage:
             st = self.cache[key] = self.stage.load(raw)
         return st
 
+    def put(self, key: bytes, st: Any, emitted: bool = False) -> None:
+        self.cache[key] = st
+        if self.dropped:
+            self.dropped.pop(key, None)
+        if emitted:
+            self.held[key] = None
+            d = self.dirty.get(self.part)
+            if d:
+                d.pop(key, None)
+        elif key not in self.held:
+            d = self.dirty.get(self.part)
+            if d is None:
+                d = self.dirty[self.part] = {}
+            d[key] = None
+
+    def drop(self, key: bytes) -> None:
+        self.cache.pop(key, None)
+        self.hw.pop(key, None)
+        self.held.pop(key, None)
+        d = self.dirty.get(self.part)
+        if d:
+            d.pop(key, None)
+        self.dropped[key] = None
+
+    def items(self) -> Iterator[tuple[bytes, Any | None]]:
+        load = self.stage.load
+        for key, value in self.table.items():
+            try:
+                st = load(split_stored(value)[1])
+            except Exception:  # noqa: BLE001 - an unreadable value is evicted at the next sweep
+                st = None
+            yield key, st
+
+    def settle(self) -> int:
+        """After this batch's records are delivered: write the states that emitted them, delete
+        the dropped keys (called in the partition's event context). Returns the writes."""
+        n = 0
+        table = self.table
+        for key in self.held:
+            st = self.cache.get(key)
+            if st is not None:
+                table[key] = self.encode(key, st)
+                n += 1
+        self.held.clear()
+        for key in self.dropped:
+            if key in table:
+                del table[key]
+        self.dropped.clear()
+        return n
+
     def encode(self, key: bytes, st: Any) -> bytes:
-        """The stored value: ``H{source: offset}\n`` (when the key has input offsets) + the state.
+        """The stored value: ``H{source: offset}\\n`` (when the key has input offsets) + the state.
 
         A state over ``max_state_bytes`` is never written (its changelog record could outgrow the
         record budget and stop the worker): the key starts afresh, keeping the breakers it has in
@@ -545,11 +543,7 @@ class KeyedStage:
 
     def reset_oversized(self, key: bytes, st: Any, size: int) -> Any:
         new = self.stage.new_state()
-        extra = getattr(st, "extra", None)  # a session: its breakers live in extra["breakers"]
-        if isinstance(extra, dict) and extra.get("breakers"):
-            new.extra["breakers"] = extra["breakers"]
-        if getattr(st, "breakers", None):  # other stages: StageState.breakers
-            new.breakers = st.breakers
+        new.ledger = st.ledger  # every stage's state has one: its commands' releases still come
         for attr in ("last_seen_ns",):
             if hasattr(st, attr) and hasattr(new, attr):
                 setattr(new, attr, getattr(st, attr))
@@ -559,50 +553,8 @@ class KeyedStage:
                     hashlib.sha256(key).hexdigest()[:12], size, self.max_state_bytes)
         return new
 
-    async def put_state(self, part: int, key: bytes, st: Any, outs: list = ()) -> None:  # type: ignore[assignment]
-        """Keep ``st`` as ``key``'s state and send ``outs``; the state is written behind, unless
-        the step emitted a record.
-
-        A state whose step published an incident or a command is written once the records are
-        delivered, not before: a crash in between makes the replayed input publish them again
-        (the same ids: at-least-once), never lose a halt that was only in the producer's buffer
-        while the local store already said the episode was open.
-        """
-        self.cache[key] = st
-        futs = (await self.publish(outs) or []) if outs else []
-        if futs:
-            self.dirty.get(part, {}).pop(key, None)
-            self.delivering[key] = None
-            self.pending.append((part, key, futs))
-        else:
-            self.dirty.setdefault(part, {})[key] = None
-
-    async def deliver(self, outs: list) -> None:
-        """Send ``outs`` and wait until they are delivered (before a state is dropped)."""
-        for f in (await self.publish(outs) or []) if outs else []:
-            await f
-
-    async def settle(self) -> None:
-        """Wait for this batch's records, then write the states that emitted them."""
-        pending, self.pending = self.pending, []
-        for part, key, futs in pending:
-            for f in futs:
-                await f
-            self.delivering.pop(key, None)
-            st = self.cache.get(key)
-            if st is not None:
-                self.table[key] = self.encode(key, st)
-                metrics.STATE_WRITES.labels(stage=self.stage.name).inc()
-
-    def drop_state(self, part: int, key: bytes) -> None:
-        self.cache.pop(key, None)
-        self.hw.pop(key, None)
-        self.dirty.get(part, {}).pop(key, None)
-        if key in self.table:
-            del self.table[key]
-
-    def flush(self) -> None:
-        """Write every changed state to the table (and so to its changelog)."""
+    def flush(self) -> int:
+        """Write every changed state to the table (and so to its changelog); returns the writes."""
         encode, table, n = self.encode, self.table, 0
         for part, keys in self.dirty.items():
             ev = self.ctx.get(part)
@@ -612,38 +564,85 @@ class KeyedStage:
             try:
                 for key in keys:
                     st = self.cache.get(key)
-                    if st is not None and key not in self.delivering:
+                    if st is not None and key not in self.held:
                         table[key] = encode(key, st)
                         n += 1
             finally:
                 _current_event.reset(token)
         self.dirty.clear()
-        if n:
-            metrics.STATE_WRITES.labels(stage=self.stage.name).inc(n)
-        if len(self.cache) > self.CACHE_MAX:
+        if len(self.cache) > self.CACHE_MAX and not self.held:
             self.cache.clear()  # all clean now: reloaded from the table on the next use
             self.hw.clear()
+        return n
+
+
+class KeyedStage:
+    """One stage wired to faust: its repartition topic, its table, and the shared runner.
+
+    The runner (:class:`streams.runner.KeyedRunner`, the one replay uses) steps the keys, fires
+    timers, sweeps idle keys and enforces the key cap over a :class:`TableStore`. This class only
+    does what is faust's: it reads the repartition messages (skipping input a key already applied),
+    keeps each partition's clock (event time, plus the wall clock while a partition is quiet),
+    publishes the outputs, forwards the session stage's pre-aggregates to the scope stage, and
+    writes state behind.
+    """
+
+    def __init__(self, app: faust.App, stage: Any, topic: Any, table: Any, n_parts: int,
+                 lateness_ns: int, idle_ns: int, publish: Any, batch_max: int = 2000,
+                 batch_within_s: float = 0.05, max_keys: int = 0, max_state_bytes: int = STATE_BYTES,
+                 policy: Policy | None = None) -> None:
+        self.app = app
+        self.batch_max = batch_max
+        self.batch_within_s = batch_within_s
+        self.stage = stage
+        self.topic = topic
+        self.n_parts = n_parts
+        self.publish = publish
+        self.store = TableStore(stage, table, max_state_bytes)
+        if policy is not None:
+            self.runner = runner_for(stage, policy, self.store, max_keys)
+        else:
+            self.runner = KeyedRunner(stage, self.store, idle_ns=idle_ns, max_keys=max_keys)
+        self.clock = EventClock(lateness_ns, wall=time.time_ns)
+        self.needs_scan = True
+        self.forward_to: KeyedStage | None = None  # the route / tenant stage, for the session stage
+        self._forwards: dict[str, list] = {}
+        self._forward_hi = 0
+
+    @property
+    def table(self) -> Any:
+        return self.store.table
+
+    @property
+    def index(self) -> dict:
+        return self.runner.index
+
+    @property
+    def heaps(self) -> dict:
+        return self.runner.heaps
+
+    def reset(self) -> None:
+        self.store.reset()
+        self.needs_scan = True
+
+    def flush(self) -> None:
+        n = self.store.flush()
+        if n:
+            metrics.STATE_WRITES.labels(stage=self.stage.name).inc(n)
+
+    def install(self) -> None:
+        async def agent(stream: Any) -> None:
+            async for events in stream.take_events(self.batch_max, within=self.batch_within_s):
+                await self.process(events)
+
+        agent.__name__ = f"detect_{self.stage.name}"
+        self.app.agent(self.topic, name=f"detect-{self.stage.name}")(agent)
 
     def scan(self) -> None:
         """After a (re)assignment: learn every stored key, its last event time and its timer."""
-        self.reset()
-        found = 0
-        stage = self.stage
-        for key, value in self.table.items():
-            p = partition_for(key, self.n_parts)
-            try:
-                st = stage.load(split_stored(value)[1])
-                last = stage.last_seen(st)
-                d = stage.next_deadline(st)
-            except Exception:  # an unreadable value is evicted at the next sweep
-                last, d = 0, None
-            self.index.setdefault(p, OrderedDict())[key] = last
-            if d is not None:
-                heapq.heappush(self.heaps.setdefault(p, []), (d, key))
-            found += 1
-        for od in self.index.values():
-            for k, _ in sorted(od.items(), key=lambda kv: kv[1]):
-                od.move_to_end(k)
+        self.store.reset()
+        n = self.n_parts
+        self.runner.rebuild(self.store.items(), lambda k: partition_for(k, n))
         self.report_keys()
         self.needs_scan = False
 
@@ -651,7 +650,7 @@ class KeyedStage:
         """Tracked-keys gauges; the scope stage's keys by kind (``route:…`` / ``tenant:…``)."""
         if self.stage.name == "scope":
             n = {"route": 0, "tenant": 0}
-            for od in self.index.values():
+            for od in self.runner.index.values():
                 for k in od:
                     kind = k[:6]
                     if kind == b"route:":
@@ -661,7 +660,7 @@ class KeyedStage:
             metrics.set_tracked_keys("route", n["route"])
             metrics.set_tracked_keys("tenant", n["tenant"])
         else:
-            metrics.set_tracked_keys(self.stage.name, sum(len(v) for v in self.index.values()))
+            metrics.set_tracked_keys(self.stage.name, self.runner.tracked())
 
     async def process(self, events: list) -> None:
         t0 = time.perf_counter()
@@ -673,7 +672,7 @@ class KeyedStage:
         for part, evs in by_part.items():
             # faust routes table writes (RocksDB db + changelog partition) by the "current event";
             # a batch spans partitions, so make one of this partition current while we write.
-            self.ctx[part] = evs[-1]
+            self.store.ctx[part] = evs[-1]
             token = _current_event.set(weakref.ref(evs[-1]))
             try:
                 await self.process_partition(part, evs)
@@ -694,20 +693,21 @@ class KeyedStage:
         metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - t0)
         self.report_keys()
 
-    async def process_partition(self, part: int, evs: list) -> None:
-        stage, table = self.stage, self.table
-        groups: dict[bytes, list[Span]] = {}
+    def read(self, evs: list, hi: int) -> tuple[dict[bytes, list], int, bool, int]:
+        """A partition's messages → ``{key: items}`` in arrival order, the highest event time, whether
+        a wall tick came, and how many re-delivered spans were skipped."""
+        groups: dict[bytes, list] = {}
         dups = 0
-        hi = self.max_event.get(part, 0)
         ticked = False
-        step_key = getattr(stage, "step_key", None)
+        store = self.store
+        scope = getattr(self.stage, "step_key", None) is not None
         from_wire = Span.from_wire
         for ev in evs:
             if not ev.value:
                 ticked = True
                 continue
             msg = orjson.loads(ev.value)
-            if step_key is not None:  # pre-aggregates from the session stage
+            if scope:  # pre-aggregates from the session stage
                 hi = max(hi, int(msg["hi"]))
                 if "by_key" in msg:
                     for k, aggs in msg["by_key"].items():
@@ -720,10 +720,10 @@ class KeyedStage:
                 # already applied from that source (re-delivered input)
                 for k, entries in msg["keyed"].items():
                     bk = k.encode()
-                    self.get_state(bk)  # loads the key's input offsets with its state
-                    khw = self.hw.get(bk)
+                    store.get(bk)  # loads the key's input offsets with its state
+                    khw = store.hw.get(bk)
                     if khw is None:
-                        khw = self.hw[bk] = {}
+                        khw = store.hw[bk] = {}
                     got = groups.get(bk)
                     if got is None:
                         got = groups[bk] = []
@@ -752,129 +752,41 @@ class KeyedStage:
                     groups[bk] = spans
                 else:
                     got.extend(spans)
+        return groups, hi, ticked, dups
+
+    async def process_partition(self, part: int, evs: list) -> None:
+        stage, runner = self.stage, self.runner
+        groups, hi, ticked, dups = self.read(evs, self.clock.high(part))
         if groups:
             metrics.STAGE_SPANS.labels(stage=stage.name).inc(sum(len(v) for v in groups.values()))
         if dups:
             metrics.DUPLICATE_SPANS.labels(stage=stage.name).inc(dups)
-        now = time.time_ns()
-        if hi > self.max_event.get(part, 0):
-            self.wall_at[part] = now
-        elif ticked and hi > 0:
-            # a quiet partition: its event time runs on with the wall clock from its last span, so
-            # timers still fire, while a burst of older data is still judged on its own event time
-            hi += now - self.wall_at.get(part, now)
-            self.wall_at[part] = now
-        self.max_event[part] = hi
-        wm = hi - self.lateness_ns
-        heap = self.heaps.setdefault(part, [])
-        idx = self.index.setdefault(part, OrderedDict())
+        wm = self.clock.observe(part, hi, ticked)
+        new0, ev0 = runner.new_keys, runner.evicted
         resent0 = getattr(stage, "duplicates", 0)
         bad0 = sum(BAD_VALUES.values())
-        for key, items in groups.items():
-            st = self.get_state(key)
-            if st is None:
-                st = stage.new_state()
-                metrics.NEW_KEYS.labels(stage=stage.name).inc()
-            if step_key is not None:
-                st, outs = step_key(st, key.decode(), items, wm)
-            else:
-                st, outs = stage.step(st, items, wm)
+        self.store.part = part
+        outs = runner.feed(part, groups, wm)
+        if outs:
             for o in outs:
                 if o.kind == "forward":
                     self._forwards.setdefault(o.key.decode(), []).append(o.payload)
                     self._forward_hi = max(self._forward_hi, hi)
-            await self.put_state(part, key, st, outs)
-            idx[key] = stage.last_seen(st)
-            idx.move_to_end(key)
-            d = stage.next_deadline(st)
-            if d is not None:
-                heapq.heappush(heap, (d, key))
+        outs.extend(runner.fire(part, wm))
+        for f in (await self.publish(outs) or []) if outs else []:
+            await f  # delivered, then the states that emitted them are written
+        writes = self.store.settle()
+        if writes:
+            metrics.STATE_WRITES.labels(stage=stage.name).inc(writes)
+        if runner.new_keys != new0:
+            metrics.NEW_KEYS.labels(stage=stage.name).inc(runner.new_keys - new0)
+        if runner.evicted != ev0:
+            metrics.EVICTIONS.labels(scope=stage.name).inc(runner.evicted - ev0)
         resent = getattr(stage, "duplicates", 0) - resent0
         if resent:
             metrics.RESENT_SPANS.labels(stage=stage.name).inc(resent)
         if sum(BAD_VALUES.values()) != bad0:
             _export_bad_values()
-        # timers the watermark has passed
-        fired: dict[bytes, int] = {}
-        while heap and heap[0][0] <= wm:
-            _, key = heapq.heappop(heap)
-            if key in fired:
-                continue
-            st = self.get_state(key)
-            if st is None:
-                continue
-            d = stage.next_deadline(st)
-            if d is None or d > wm:
-                continue
-            st, outs = stage.advance(st, wm)
-            fired[key] = 1
-            if stage.expired(st, wm):
-                await self.deliver(outs)
-                self.drop_state(part, key)
-                idx.pop(key, None)
-                metrics.EVICTIONS.labels(scope=stage.name).inc()
-                continue
-            await self.put_state(part, key, st, outs)
-            d = stage.next_deadline(st)
-            if d is not None:
-                heapq.heappush(heap, (max(d, wm + 1), key))
-        # TTL sweep of idle keys (oldest update first)
-        if wm >= self.next_sweep.get(part, 0):
-            self.next_sweep[part] = wm + 10**10
-            evicted = 0
-            idle_of = self.idle_of
-            min_idle = min(self.idle_ns, ROUTE_IDLE_NS) if idle_of is not None else self.idle_ns
-            younger: list[tuple[bytes, int]] = []  # idle, but not for their own (longer) bound
-            while idx:
-                key, last = next(iter(idx.items()))
-                if last + min_idle >= wm:
-                    break
-                idx.popitem(last=False)
-                if idle_of is not None and last + idle_of(key) >= wm:
-                    younger.append((key, last))
-                    continue
-                st = self.get_state(key)
-                if st is None:
-                    continue
-                st, outs = stage.advance(st, wm)
-                if stage.expired(st, wm):
-                    await self.deliver(outs)
-                    self.drop_state(part, key)
-                    evicted += 1
-                else:  # still alive (a timer pending): keep it, at the back
-                    await self.put_state(part, key, st, outs)
-                    idx[key] = stage.last_seen(st)
-            for key, last in reversed(younger):  # back at the front, in their order
-                idx[key] = last
-                idx.move_to_end(key, last=False)
-            if evicted:
-                metrics.EVICTIONS.labels(scope=stage.name).inc(evicted)
-        if self.max_keys and len(idx) > self.max_keys:
-            await self.evict_over_cap(part, idx, heap, wm)
-        await self.settle()
-
-    async def evict_over_cap(self, part: int, idx: OrderedDict, heap: list, wm: int) -> None:
-        """Keep at most ``max_keys`` keys in a partition: the least recently seen go first.
-
-        An evicted key's timers are fired up to the watermark first (so what is due is published),
-        then its state is dropped, whatever it still held: the price of a bounded worker when more
-        keys are live than the cap allows. Its breaker commands still expire on their own.
-        """
-        stage, table = self.stage, self.table
-        evicted = 0
-        while len(idx) > self.max_keys:
-            key, _ = idx.popitem(last=False)
-            st = self.get_state(key)
-            if st is None:
-                continue
-            st, outs = stage.advance(st, wm)
-            await self.deliver(outs)
-            self.drop_state(part, key)
-            evicted += 1
-        if len(heap) > 2 * self.max_keys + 1024:  # drop the timers of evicted keys
-            heap[:] = [e for e in heap if e[1] in idx]
-            heapq.heapify(heap)
-        metrics.EVICTIONS.labels(scope=stage.name).inc(evicted)
 
 
 async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:

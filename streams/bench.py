@@ -4,13 +4,16 @@
   next to ``orjson.loads`` of the same lines (the decode-only ceiling) and ingest's ``decode``;
 * memory: RSS delta and persisted-state bytes per tracked session, over many sessions, and per
   key of each kind of state (session, pending trace, route, tenant);
-* live, through the embedded broker with one worker subprocess: end-to-end spans/s next to a raw
-  aiokafka consume + ``orjson.loads`` of the same topic (:func:`bench_e2e`), and detection latency
-  (span sent → incident readable) at a fixed offered load (:func:`bench_latency`).
+* live, through a broker with one worker subprocess: end-to-end spans/s next to a raw aiokafka
+  consume + ``orjson.loads`` of the same topic on the same broker (:func:`bench_e2e`), and
+  detection latency (span sent → incident readable) at a fixed offered load (:func:`bench_latency`).
+  The broker is :class:`LiveBroker`: the embedded Tansu broker (default), Apache Kafka started by
+  ``deploy/kafka.sh``, or an existing Kafka cluster (``breakwater bench --broker``).
 
 ``breakwater bench`` prints it all as markdown tables headed by the command that made them.
 
-Absolute figures depend on the machine; the ratios are what to compare between runs.
+Absolute figures depend on the machine; the ratios are what to compare between runs. A ratio is
+always taken against a ceiling measured in the same run on the same broker.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from __future__ import annotations
 import gc
 import io
 import os
+import re
+import shutil
+import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +123,206 @@ def bench_memory(sessions: int = 50_000) -> dict[str, float]:
     return {"sessions": n, "rss_bytes_per_session": (after - before) / n, "state_bytes_per_session": dumped}
 
 
-# ----------------------------------------------------------------------------- live (embedded broker)
+# ----------------------------------------------------------------------------- the broker of the live parts
+
+
+def parse_brokers(value: str) -> list[str]:
+    """A ``--broker`` value → the brokers to run the live parts on, in order.
+
+    ``tansu`` (the embedded broker), ``kafka`` (Apache Kafka started by ``deploy/kafka.sh``), or
+    the addresses of one existing Kafka cluster (``kafka://host:port``, comma separated; the
+    scheme is optional); several choices are comma separated.
+
+    >>> parse_brokers("kafka")
+    ['kafka']
+    >>> parse_brokers("tansu,kafka")
+    ['tansu', 'kafka']
+    >>> parse_brokers("tansu,kafka://127.0.0.1:19092,127.0.0.1:19093")
+    ['tansu', 'kafka://127.0.0.1:19092,kafka://127.0.0.1:19093']
+    >>> parse_brokers("redpanda")
+    Traceback (most recent call last):
+    ...
+    ValueError: --broker: expected tansu, kafka or kafka://host:port[,host:port], got 'redpanda'
+    """
+    out: list[str] = []
+    cluster: list[str] = []
+    for raw in value.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        if part.lower() in ("tansu", "kafka"):
+            if part.lower() not in out:
+                out.append(part.lower())
+            continue
+        hostport = part.removeprefix("kafka://")
+        host, _, port = hostport.rpartition(":")
+        if "://" in hostport or not host or not port.isdigit():
+            raise ValueError(f"--broker: expected tansu, kafka or kafka://host:port[,host:port], got {part!r}")
+        cluster.append(f"kafka://{hostport}")
+    if cluster:
+        out.append(",".join(cluster))
+    if not out:
+        raise ValueError("--broker: no broker given")
+    return out
+
+
+def _kafka_script() -> Path:
+    return Path(__file__).resolve().parent.parent / "deploy" / "kafka.sh"
+
+
+class LiveBroker:
+    """The broker the live parts run on; a context manager that starts and stops what it owns.
+
+    * ``"tansu"``: the embedded Tansu broker (:class:`streams.broker.EmbeddedBroker`), started here;
+    * ``"kafka"``: Apache Kafka (KRaft, one broker+controller node) started here by
+      ``deploy/kafka.sh start`` in a private run dir, stopped by its pid (``deploy/kafka.sh stop``);
+      the script fetches the broker's jars with Maven the first time and needs Java 17+;
+    * ``"kafka://host:port[,…]"``: an existing Kafka cluster, neither started nor stopped;
+    * ``bootstrap=``: a broker of that kind already running elsewhere (not stopped here).
+
+    >>> b = LiveBroker("kafka://127.0.0.1:19092")
+    >>> b.kind, b.bootstrap, b.label
+    ('kafka', '127.0.0.1:19092', 'Kafka (an existing cluster)')
+    >>> LiveBroker("tansu").worker_env()
+    {}
+    """
+
+    def __init__(self, spec: str = "tansu", *, bootstrap: str | None = None) -> None:
+        from streams.broker import _bootstrap_servers
+
+        spec = spec.strip()
+        if spec.lower() in ("tansu", "kafka"):
+            self.kind, self.existing = spec.lower(), None
+        else:
+            (spec,) = parse_brokers(spec)
+            self.kind, self.existing = "kafka", _bootstrap_servers(spec)
+        self.spec = spec
+        self._given = _bootstrap_servers(bootstrap) if bootstrap else None
+        self._bootstrap: str | None = self.existing or self._given
+        self._embedded: Any = None
+        self._run_dir: str | None = None
+        self.version: str | None = None
+        self.startup_seconds: float | None = None
+
+    @property
+    def owned(self) -> bool:
+        """Started (and so stopped) here."""
+        return self.existing is None and self._given is None
+
+    @property
+    def bootstrap(self) -> str:
+        if self._bootstrap is None:
+            raise RuntimeError(f"broker {self.spec!r} not started")
+        return self._bootstrap
+
+    @property
+    def label(self) -> str:
+        """How the tables name it."""
+        if self.kind == "tansu":
+            return "Tansu (embedded)"
+        if self.existing is not None:
+            return "Kafka (an existing cluster)"
+        if self._given is not None:
+            return "Apache Kafka"
+        return f"Apache Kafka {self.version or ''} (KRaft, one node)".replace("  ", " ")
+
+    def worker_env(self) -> dict[str, str]:
+        """What the worker needs on top of :class:`streams.dev.WorkerProcess`'s environment.
+
+        ``WorkerProcess`` shortens the group session and rebalance timeouts to 3 s for Tansu's slow
+        group joins; Kafka refuses a session timeout under its ``group.min.session.timeout.ms``
+        (6 s by default), so on Kafka the worker keeps the product's defaults."""
+        if self.kind == "tansu":
+            return {}
+        from streams.settings import Settings
+
+        fields = Settings.model_fields
+        return {
+            "BREAKWATER_GROUP_SESSION_TIMEOUT_S": str(fields["group_session_timeout_s"].default),
+            "BREAKWATER_GROUP_REBALANCE_TIMEOUT_S": str(fields["group_rebalance_timeout_s"].default),
+        }
+
+    def start(self) -> str:
+        from streams.broker import ping
+        from streams.errors import UserError
+
+        if self._bootstrap is not None:
+            if self.existing is not None and not ping(self.existing, timeout=5):
+                raise UserError(f"--broker: no Kafka answers at {self.spec}")
+            return self._bootstrap
+        t0 = time.monotonic()
+        try:
+            if self.kind == "tansu":
+                from streams.broker import EmbeddedBroker
+
+                self._embedded = EmbeddedBroker()
+                self._bootstrap = self._embedded.start()
+            else:
+                self._bootstrap = self._start_kafka()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        return self._bootstrap
+
+    def _start_kafka(self) -> str:
+        from streams.errors import UserError
+
+        script = _kafka_script()
+        if not script.is_file():
+            raise UserError("--broker kafka: deploy/kafka.sh is not there (run bench from a checkout of the "
+                            "project), or point it at a running cluster with --broker kafka://host:port")
+        if shutil.which(os.environ.get("JAVA", "java")) is None:
+            raise UserError("--broker kafka needs Java 17+ (Debian: openjdk-17-jre-headless), "
+                            "or a running cluster: --broker kafka://host:port")
+        self._run_dir = tempfile.mkdtemp(prefix="breakwater-bench-kafka-")
+        proc = subprocess.run(  # noqa: S603
+            ["bash", str(script), "start", "--run-dir", self._run_dir, "--watch-pid", str(os.getpid()),
+             "--timeout", "180"],
+            capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise RuntimeError(f"deploy/kafka.sh start failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        m = re.search(r"Kafka (\S+) up in", proc.stderr)
+        self.version = m.group(1) if m else None
+        return proc.stdout.strip().splitlines()[-1]
+
+    def stop(self) -> None:
+        """Stop what was started here, by its pid. Idempotent."""
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+            self._bootstrap = None
+        if self._run_dir is not None:
+            from streams.broker import _alive, _proc_cmdline, stop_pid
+
+            run = self._run_dir
+            try:
+                pid = int(Path(run, "pid").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None
+            try:
+                subprocess.run(["bash", str(_kafka_script()), "stop", "--run-dir", run, "--timeout", "30"],  # noqa: S603
+                               capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            if pid is not None and _alive(pid) and f"{run}/server.properties" in (_proc_cmdline(pid) or []):
+                stop_pid(pid, timeout=10)  # the script could not: still ours, by its own command line
+            shutil.rmtree(run, ignore_errors=True)
+            self._run_dir = None
+            self._bootstrap = None
+
+    def __enter__(self) -> LiveBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<LiveBroker {self.spec} {self._bootstrap or 'not started'}>"
+
+
+# ----------------------------------------------------------------------------- live (one worker)
 
 
 def _recent(traffic: list[dict]) -> list[dict]:
@@ -664,54 +870,82 @@ def _ms(x: float) -> str:
     return "n/a" if x != x else f"{x:,.0f} ms"  # noqa: PLR0124 - NaN check
 
 
+def live_tables(runs: Sequence[tuple[str, dict, list[dict]]]) -> list[str]:
+    """Markdown lines of the live parts: one ``(broker label, bench_e2e result, bench_latency
+    results)`` per broker, each broker's ratio against the raw consumer on that broker in that run."""
+    if not runs:
+        return []
+    e0 = runs[0][1]
+    lines = [
+        f"End to end, one worker, {e0['spans']:,} spans of simulated mixed traffic pre-produced to `agent.spans` "
+        f"as JSON arrays of {e0['spans_per_message']} spans, {e0['partitions']} partitions; each broker's ratio is "
+        "to the raw consumer on that broker, measured in the same run:",
+        "",
+        "| broker | consumer | spans/s | ratio to raw |",
+        "|---|---|---:|---:|",
+    ]
+    for label, e, _ in runs:
+        lines += [
+            f"| {label} | raw aiokafka consumer + `orjson.loads` (ceiling) | {e['raw_spans_per_s']:,.0f} | 1.00 |",
+            f"| {label} | one worker: ingest, repartition, 4 detector stages, state writes | "
+            f"{e['worker_spans_per_s']:,.0f} | {e['ratio']:.3f} |",
+        ]
+    lines += ["", "The worker while it ran (state writes are written behind: a changed key once per offset commit):", ""]
+    for label, e, _ in runs:
+        lines.append(
+            f"- {label}: CPU {e['worker_cpu_share']:.0%} of a core, RSS {e['worker_rss_bytes'] / 2**20:,.0f} MiB; "
+            "state writes " + ", ".join(f"{k} {v:,.0f}" for k, v in e["state_writes"].items()) + ".")
+    lines += [
+        "",
+        "Detection latency: span sent → incident readable on `agent.incidents`, one worker, paced producer "
+        "(JSON arrays of 50 spans) with injected loops (5/s) and session retry storms (1/s):",
+        "",
+        "| broker | offered spans/s | delivered | loop p50 | loop p99 | retry storm p50 | incidents seen |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, _, lat in runs:
+        for x in lat:
+            loop = x["_lat"].get("no_progress_loop", [])
+            storm = x["_lat"].get("retry_storm", [])
+            lines.append(
+                f"| {label} | {x['rate']:,.0f} | {x['offered_spans_per_s']:,.0f} | {_ms(_pct(loop, .5) * 1000)} | "
+                f"{_ms(_pct(loop, .99) * 1000)} | {_ms(_pct(storm, .5) * 1000)} | "
+                f"{x['incidents']} of {x['triggers']} |")
+    lines += ["", "A retry storm is a window detector: it opens when the watermark (max event time − 5 s "
+              "allowed lateness) closes the window, so its latency is the lateness, by design.", ""]
+    return lines
+
+
+def bench_live(broker: str | LiveBroker = "tansu", *, e2e_spans: int = 100_000,
+               latency_rates: tuple[float, ...] = (5000.0, 500.0), latency_s: float = 20.0,
+               **latency_kw: Any) -> tuple[str, dict, list[dict]]:
+    """The live parts on one broker (started and stopped here unless it runs already):
+    ``(label, bench_e2e result, [bench_latency result per rate])``."""
+    lb = broker if isinstance(broker, LiveBroker) else LiveBroker(broker)
+    with lb:
+        env = lb.worker_env()
+        e = bench_e2e(e2e_spans, bootstrap=lb.bootstrap, worker_env=env)
+        lat = [bench_latency(rate, latency_s, bootstrap=lb.bootstrap, worker_env=env, **latency_kw)
+               for rate in latency_rates]
+        return lb.label, e, lat
+
+
 def main(sessions: int = 2000, memory_sessions: int = 50_000, *, e2e_spans: int = 100_000,
          latency_rates: tuple[float, ...] = (5000.0, 500.0), latency_s: float = 20.0, keys: int = 100_000,
-         live: bool = True, command: str = "breakwater bench") -> str:
-    """Every measurement as markdown tables ready for the README's "## Measured"."""
+         live: bool = True, brokers: Sequence[str | LiveBroker] = ("tansu",),
+         command: str = "breakwater bench") -> str:
+    """Every measurement as markdown tables ready for the README's "## Measured".
+
+    The live parts run on each of ``brokers`` in turn (:class:`LiveBroker` specs: ``tansu``,
+    ``kafka``, ``kafka://host:port``), one broker at a time."""
+    chosen = [b if isinstance(b, LiveBroker) else LiveBroker(b) for b in brokers] if live else []
     r = bench_replay(sessions)
     m = bench_memory(memory_sessions)
     mk = bench_memory_keys(keys)
     lines = [f"Made by `{command}` ({os.cpu_count()} cores; ratios compare between machines, absolute figures do not).", ""]
     if live:
-        from streams.broker import EmbeddedBroker
-
-        broker = EmbeddedBroker()
-        try:
-            bootstrap = broker.start()
-            e = bench_e2e(e2e_spans, bootstrap=bootstrap)
-            lat = [bench_latency(rate, latency_s, bootstrap=bootstrap) for rate in latency_rates]
-        finally:
-            broker.stop()
-        lines += [
-            f"End to end through the embedded broker (Tansu), one worker, {e['spans']:,} spans of simulated mixed "
-            f"traffic pre-produced to `agent.spans` as JSON arrays of {e['spans_per_message']} spans, "
-            f"{e['partitions']} partitions:",
-            "",
-            "| consumer | spans/s | ratio to raw |",
-            "|---|---:|---:|",
-            f"| raw aiokafka consumer + `orjson.loads` (ceiling) | {e['raw_spans_per_s']:,.0f} | 1.00 |",
-            f"| one worker: ingest, repartition, 4 detector stages, state writes | {e['worker_spans_per_s']:,.0f} "
-            f"| {e['ratio']:.3f} |",
-            "",
-            f"Worker CPU {e['worker_cpu_share']:.0%} of a core while it ran, RSS {e['worker_rss_bytes'] / 2**20:,.0f} MiB; "
-            f"state writes (written behind: a changed key once per offset commit): "
-            + ", ".join(f"{k} {v:,.0f}" for k, v in e["state_writes"].items()) + ".",
-            "",
-            "Detection latency: span sent → incident readable on `agent.incidents`, one worker, paced producer "
-            "(JSON arrays of 50 spans) with injected loops (5/s) and session retry storms (1/s):",
-            "",
-            "| offered spans/s | delivered | loop p50 | loop p99 | retry storm p50 | incidents seen |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        for x in lat:
-            loop = x["_lat"].get("no_progress_loop", [])
-            storm = x["_lat"].get("retry_storm", [])
-            lines.append(
-                f"| {x['rate']:,.0f} | {x['offered_spans_per_s']:,.0f} | {_ms(_pct(loop, .5) * 1000)} | "
-                f"{_ms(_pct(loop, .99) * 1000)} | {_ms(_pct(storm, .5) * 1000)} | "
-                f"{x['incidents']} of {x['triggers']} |")
-        lines += ["", "A retry storm is a window detector: it opens when the watermark (max event time − 5 s "
-                  "allowed lateness) closes the window, so its latency is the lateness, by design.", ""]
+        lines += live_tables([bench_live(b, e2e_spans=e2e_spans, latency_rates=latency_rates, latency_s=latency_s)
+                              for b in chosen])
     lines += [
         f"Replay on {r['spans']:,} spans of simulated mixed traffic ({r['bytes'] / 1e6:.1f} MB OTLP JSON lines):",
         "",

@@ -81,7 +81,9 @@ def _run_kafka(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from streams.replay import report, run
+    import time
+
+    from streams.replay import progress_line, report, run
 
     policy = _policy(args.policy)
     inputs = []
@@ -93,7 +95,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     cmd_out = open(args.commands, "wb") if args.commands else None  # noqa: SIM115
     try:
-        stats = run(inputs, sys.stdout.buffer, cmd_out, policy=policy)
+        started = time.monotonic()
+        stats = run(inputs, sys.stdout.buffer, cmd_out, policy=policy, batch_spans=args.batch,
+                    names=list(args.files),
+                    progress=None if args.no_progress else (lambda st: progress_line(st, started)))
     finally:
         sys.stdout.buffer.flush()
         if cmd_out:
@@ -126,10 +131,47 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def effective_config(settings) -> list[dict[str, Any]]:  # noqa: ANN001
+    """The values in force, one per setting: env var, value (secrets masked), and where it came from.
+
+    >>> from streams.settings import Settings
+    >>> rows = {r["env"]: r for r in effective_config(Settings(partitions=8))}
+    >>> rows["BREAKWATER_PARTITIONS"]["value"], rows["BREAKWATER_SASL_PASSWORD"]["value"]
+    (8, None)
+    """
+    set_in_env = {k.upper() for k in os.environ if k.upper().startswith("BREAKWATER_")}
+    rows = []
+    for name in type(settings).model_fields:
+        env = f"BREAKWATER_{name.upper()}"
+        value = getattr(settings, name)
+        if value is not None and name in _SECRET_FIELDS:
+            value = "********"
+        elif value is not None and not isinstance(value, bool | int | float):
+            value = str(value)
+        source = "default"
+        if name in settings.model_fields_set:
+            source = "--broker" if name == "broker" and _CURRENT.get("source") == "--broker" else \
+                "environment" if env in set_in_env else "argument"
+        rows.append({"env": env, "value": value, "from": source})
+    return rows
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    import orjson
+
     from streams.settings import config_reference
 
-    _settings(args)  # the environment must be valid: a bad value is an error naming its env var
+    settings = _settings(args)  # the environment must be valid: a bad value is an error naming its env var
+    rows = effective_config(settings)
+    if args.json:
+        print(orjson.dumps({r["env"]: r["value"] for r in rows}, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print("Values in force (BREAKWATER_* environment over the defaults; secrets masked):\n")
+    print("| env var | value | from |\n|---|---|---|")
+    for r in rows:
+        value = "(unset)" if r["value"] is None else f"`{r['value']}`"
+        print(f"| `{r['env']}` | {value} | {r['from']} |")
+    print("\nReference (README \"Configuration reference\"):\n")
     print(config_reference())
     return 0
 
@@ -140,6 +182,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if args.detector is not None and args.detector not in detector_names():
         raise UserError(f"tail: unknown detector {args.detector!r} for --detector; "
                         f"valid: {', '.join(detector_names())}")
+    # filters that cannot match the chosen topic are errors, never an empty output
+    misplaced = [flag for flag, value, applies in (
+        ("--detector", args.detector, args.what != "dlq"), ("--tenant", args.tenant, args.what != "dlq"),
+        ("--severity", args.severity, args.what == "incidents"), ("--reason", args.reason, args.what == "dlq"),
+    ) if value is not None and not applies]
+    if misplaced:
+        raise UserError(f"tail {args.what}: {misplaced[0]} does not apply to {args.what} records "
+                        f"(--reason is for dlq; --detector and --tenant for incidents and breaker; "
+                        f"--severity for incidents)")
     since_ns = None
     if args.since:
         try:
@@ -150,7 +201,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     _check_broker(settings)
     try:
         _run_kafka(tail(settings, args.what, follow=args.follow, as_json=args.json, detector=args.detector,
-                        tenant=args.tenant, severity=args.severity, since_ns=since_ns))
+                        tenant=args.tenant, severity=args.severity, since_ns=since_ns, reason=args.reason))
     except KeyboardInterrupt:
         pass
     return 0
@@ -190,7 +241,17 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_breaker_release(args: argparse.Namespace) -> int:
-    from streams.admin import manual_release_command, publish_release
+    """Publish a manual release when a command is in force for the scope (README "Commands").
+
+    Nothing in force (never commanded, already released, expired, or a mistyped key) is said in one
+    line on stderr, with the keys in force that look alike, and exits 1 without publishing: the
+    request was well formed (exit 2 stays for bad input and an unreachable broker), but a script
+    must notice that it released nothing. ``--force`` publishes the release regardless.
+    """
+    import difflib
+
+    from streams.admin import find_in_force, manual_release_command, publish_release
+    from streams.tail import clean, format_command
 
     settings = _settings(args)
     try:
@@ -199,24 +260,53 @@ def cmd_breaker_release(args: argparse.Namespace) -> int:
         print(f"breakwater breaker release: {exc}", file=sys.stderr)
         return 2
     _check_broker(settings)
+    key = cmd.kafka_key().decode()
+    found = None
+    if not args.force:
+        try:
+            found = _run_kafka(find_in_force(settings, key))
+        except TimeoutError as exc:
+            raise UserError(f"breaker release: {exc}; --force publishes without checking") from exc
+        shown = clean(key, 200)
+        if found.command is None:
+            alike = difflib.get_close_matches(key, found.others, n=3, cutoff=0.6)
+            hint = f"; in force with a similar key: {', '.join(clean(k, 200) for k in alike)}" if alike else ""
+            print(f"breakwater breaker release: nothing in force for {shown} on {settings.topic_breaker} "
+                  f"({found.why_not()}){hint}; nothing published (--force publishes a release anyway)",
+                  file=sys.stderr)
+            return 1
+        held_by = found.command.scope.tenant
+        if args.tenant and cmd.scope.kind in ("route", "tool") and held_by != args.tenant:
+            print(f"breakwater breaker release: the command in force for {shown} is for tenant "
+                  f"{clean(held_by, 120) if held_by else '(every tenant)'}, not {clean(args.tenant, 120)}; a release "
+                  f"replaces it for everyone, so nothing published (--force publishes it anyway)", file=sys.stderr)
+            return 1
     _run_kafka(publish_release(settings, cmd))
     print(cmd.model_dump_json())
+    if found is not None and found.command is not None:
+        print(f"breakwater breaker release: released  {format_command(found.command.model_dump(mode='json'))}",
+              file=sys.stderr)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import main as bench_main
+    from streams.bench import parse_brokers
 
+    try:
+        brokers = parse_brokers(args.broker)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     argv = ["breakwater", "bench", "--sessions", str(args.sessions), "--memory-sessions", str(args.memory_sessions),
             "--keys", str(args.keys)]
     if args.no_live:
         argv.append("--no-live")
     else:
-        argv += ["--e2e-spans", str(args.e2e_spans), "--latency-rate", args.latency_rate,
-                 "--latency-seconds", f"{args.latency_seconds:g}"]
+        argv += ["--broker", ",".join(brokers), "--e2e-spans", str(args.e2e_spans), "--latency-rate",
+                 args.latency_rate, "--latency-seconds", f"{args.latency_seconds:g}"]
     print(bench_main(sessions=args.sessions, memory_sessions=args.memory_sessions, e2e_spans=args.e2e_spans,
                      latency_rates=tuple(float(x) for x in args.latency_rate.split(",") if x),
-                     latency_s=args.latency_seconds, keys=args.keys, live=not args.no_live,
+                     latency_s=args.latency_seconds, keys=args.keys, live=not args.no_live, brokers=brokers,
                      command=" ".join(argv)))
     return 0
 
@@ -238,6 +328,16 @@ def cmd_console(args: argparse.Namespace) -> int:
     if getattr(args, "debug", False):
         argv.append("--debug")
     return console_main(argv)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number")
+    return n
 
 
 def _broker_flag(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", help="files of flat JSON / JSON arrays / JSON lines / OTLP JSON; - = stdin")
     r.add_argument("--policy", help="policy TOML file")
     r.add_argument("--commands", help="also write breaker commands (JSON lines) to this file")
+    r.add_argument("--batch", type=_positive_int, default=1000, metavar="SPANS",
+                   help="spans per processing batch, from consecutive documents (default 1000; 1 = one "
+                        "document per batch). Outputs are the same records; only their order within a batch "
+                        "follows event time")
+    r.add_argument("--no-progress", action="store_true",
+                   help="do not print progress lines on stderr (printed every 5 s of a long run)")
     r.set_defaults(fn=cmd_replay)
 
     w = sub.add_parser("worker", parents=common, help="run the faust worker (ingest, detect, publish)")
@@ -274,16 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_schemas)
 
     c = sub.add_parser("config", parents=common,
-                       help="validate the BREAKWATER_* environment, print the configuration reference")
+                       help="validate the BREAKWATER_* environment, print the values in force and the reference")
+    c.add_argument("--json", action="store_true",
+                   help="only the values in force, as one JSON object by env var (secrets masked)")
     c.set_defaults(fn=cmd_config)
 
-    t = sub.add_parser("tail", parents=common, help="print incidents or breaker commands")
-    t.add_argument("what", choices=["incidents", "breaker"], help="which topic: incidents or breaker commands")
+    t = sub.add_parser("tail", parents=common,
+                       help="print incidents, breaker commands or rejected input (the DLQ: reasons, never content)")
+    t.add_argument("what", choices=["incidents", "breaker", "dlq"],
+                   help="which topic: incidents, breaker commands, or dlq (rejected input: reason, detail, source "
+                        "topic/partition/offset, size, hash, truncated; never the content)")
     t.add_argument("--json", action="store_true", help="raw JSON, one per line")
     t.add_argument("--follow", "-f", action="store_true", help="keep waiting for new records (Ctrl-C stops)")
     t.add_argument("--detector", metavar="D", help="only this detector's records (e.g. no_progress_loop)")
     t.add_argument("--tenant", metavar="T", help="only records of this tenant")
     t.add_argument("--severity", choices=["warning", "critical"], help="only incidents of this severity")
+    t.add_argument("--reason", metavar="R", help="dlq only: only rejections with this reason (e.g. bad_json)")
     t.add_argument("--since", metavar="T",
                    help="start from this time: RFC 3339 (2026-01-01T12:00:00Z) or a duration ago (30s, 10m, 2h, 1d)")
     _broker_flag(t)
@@ -322,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("scope", help="KIND:KEY with KIND one of session, tenant, workflow, route, tool")
     rel.add_argument("--reason", required=True, help="why (recorded in the command)")
     rel.add_argument("--tenant", help="tenant of a route/tool scope")
+    rel.add_argument("--force", action="store_true",
+                     help="publish the release even when nothing is in force for the scope (by default that is "
+                          "reported and exits 1 without publishing)")
     _broker_flag(rel)
     rel.set_defaults(fn=cmd_breaker_release)
 
@@ -343,7 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--e2e-spans", type=int, default=100_000, help="spans pre-produced for the end-to-end run")
     b.add_argument("--latency-rate", default="5000,500", help="offered spans/s of the latency runs (comma separated)")
     b.add_argument("--latency-seconds", type=float, default=20.0, help="length of each latency run")
-    b.add_argument("--no-live", action="store_true", help="skip the embedded-broker parts (replay and memory only)")
+    b.add_argument("--broker", default="tansu", metavar="tansu|kafka|kafka://host:port",
+                   help="broker of the live parts: tansu (embedded, default), kafka (Apache Kafka started by "
+                        "deploy/kafka.sh; needs Java 17+ and Maven), kafka://host:port[,…] (an existing cluster); "
+                        "comma separate several to run on each in turn")
+    b.add_argument("--no-live", action="store_true", help="skip the broker parts (replay and memory only)")
     b.set_defaults(fn=cmd_bench)
     p.set_defaults(fn=lambda args: _usage(p))
     return p

@@ -8,7 +8,9 @@ before its first increment: ``increase()`` in an alert then sees the first incid
 
 The worker serves them on their own port (:mod:`streams.ops`), beside ``/healthz`` and
 ``/readyz``; ``deploy/grafana/dashboard.json`` and ``deploy/prometheus/rules.yaml`` use only
-the names declared here (a test checks).
+the names declared here (a test checks). README "Endpoints, metrics and alerts" carries the
+:func:`reference` table generated from these declarations (``python -m streams.metrics`` prints
+it; a test fails when the README copy is stale).
 
 >>> SPANS_IN.labels(format="flat").inc(0)
 >>> "breakwater_spans_in_total" in sample_names()
@@ -23,6 +25,7 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
 
 from streams import __version__ as _version
 
@@ -42,7 +45,7 @@ SESSION_TABLE_DETECTORS: tuple[str, ...] = ("no_progress_loop", "retry_storm", "
 FORMATS = ("flat", "otlp_json", "otlp_proto")
 REJECTION_REASONS = (
     "oversized", "not_utf8", "bad_json", "bad_otlp", "bad_span", "bad_id", "bad_timestamp",
-    "too_many_attributes", "too_deep", "bad_input", "internal_error",
+    "too_many_attributes", "too_deep", "bad_input", "internal_error", "clock_skew", "oversized_span",
 )
 SEVERITIES = ("warning", "critical")
 INCIDENT_STATUSES = ("open", "updated", "resolved")
@@ -74,7 +77,8 @@ DETECTION_LATENCY = Histogram(
 )
 CONSUMER_LAG = Gauge(
     "breakwater_consumer_lag_messages",
-    "Messages not yet committed by this worker, per assigned input partition (high watermark - committed offset).",
+    "Messages not yet committed by this worker, per assigned input partition (high watermark - committed offset), "
+    "sampled every BREAKWATER_LAG_SAMPLE_INTERVAL_S.",
     ["topic", "partition"], registry=REGISTRY,
 )
 TRACKED_KEYS = Gauge(
@@ -148,13 +152,14 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=REGISTRY,
 )
 WORKER_READY = Gauge(
-    "breakwater_worker_ready", "1 when the worker has its partitions assigned and its state recovered, else 0.",
+    "breakwater_worker_ready", "1 when the worker has its partitions assigned and its state recovered (/readyz "
+    "answers 200), else 0.",
     registry=REGISTRY,
 )
 REBALANCES = Counter(
     "breakwater_rebalances", "Consumer group rebalances this worker went through.", registry=REGISTRY,
 )
-BUILD = Info("breakwater_build", "Breakwater version.", registry=REGISTRY)
+BUILD = Info("breakwater_build", "Breakwater version (always 1).", registry=REGISTRY)
 BUILD.info({"version": _version})
 
 
@@ -179,6 +184,7 @@ def _init_series() -> None:
         STAGE_SPANS.labels(stage=stage)
         STATE_WRITES.labels(stage=stage)
         DUPLICATE_SPANS.labels(stage=stage)
+        OVERSIZED_STATES.labels(stage=stage)
         NEW_KEYS.labels(stage=stage)
     RESENT_SPANS.labels(stage="session")
     for feature in ("cost", "input_tokens", "output_tokens", "cached_tokens", "retry_ordinal"):
@@ -186,6 +192,62 @@ def _init_series() -> None:
 
 
 _init_series()
+
+#: Label values of series that appear only at run time (the others are created above, at import).
+RUNTIME_LABEL_VALUES: dict[str, dict[str, tuple[str, ...]]] = {
+    "breakwater_tracked_keys": {"detector": tuple(DETECTORS),
+                                "scope": ("session", "trace", "workflow", "route", "tenant")},
+}
+
+
+def _declared() -> list[MetricWrapperBase]:
+    """Every metric declared above, in declaration order."""
+    return [v for v in globals().values() if isinstance(v, MetricWrapperBase)]
+
+
+def _label_values() -> dict[str, dict[str, tuple[str, ...]]]:
+    """Label values of the series created at import, per metric and label, in creation order."""
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for m in _declared():
+        names = m._labelnames  # noqa: SLF001
+        seen: dict[str, dict[str, None]] = {n: {} for n in names}
+        for key in list(getattr(m, "_metrics", {})):
+            for n, v in zip(names, key):
+                seen[n][v] = None
+        out[m._name] = {n: tuple(vs) for n, vs in seen.items() if vs}  # noqa: SLF001
+    return out
+
+
+_IMPORT_LABEL_VALUES = _label_values()  # before any increment can add run-time values
+
+_EXPOSED = {"counter": "{}_total", "gauge": "{}", "histogram": "{}", "info": "{}_info"}
+_TYPE_TEXT = {"counter": "counter", "gauge": "gauge", "histogram": "histogram (`_bucket`, `_sum`, `_count`)",
+              "info": "gauge (info)"}
+
+
+def reference() -> str:
+    """The metrics table of README "Endpoints, metrics and alerts", generated from the declarations.
+
+    One row per metric: the name a query uses, its type, its labels (with their values when they
+    form a closed set known in advance) and its help text.
+
+    >>> print(reference().splitlines()[2])
+    | `breakwater_spans_in_total` | counter | `format` (`flat`, `otlp_json`, `otlp_proto`) | Spans decoded from the input topics, by input format. |
+    """
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for m in _declared():
+        kind = m._type  # noqa: SLF001
+        name = _EXPOSED[kind].format(m._name)  # noqa: SLF001
+        known = {**_IMPORT_LABEL_VALUES.get(m._name, {}), **RUNTIME_LABEL_VALUES.get(m._name, {})}  # noqa: SLF001
+        labels = m._labelnames if kind != "info" else tuple(  # noqa: SLF001
+            dict.fromkeys(k for fam in m.collect() for smp in fam.samples for k in smp.labels))
+        cells = []
+        for label in labels:
+            values = known.get(label)
+            cells.append(f"`{label}`" + (f" ({', '.join(f'`{v}`' for v in values)})" if values else ""))
+        doc = m._documentation.replace("|", "\\|")  # noqa: SLF001
+        rows.append(f"| `{name}` | {_TYPE_TEXT[kind]} | {', '.join(cells)} | {doc} |")
+    return "\n".join(rows)
 
 
 def incident_published(out: Any, now: float | None = None) -> None:
@@ -237,3 +299,7 @@ def declared_names() -> set[str]:
 def sample_names() -> set[str]:
     """Names of the samples a scrape returns right now."""
     return {s.name for fam in REGISTRY.collect() for s in fam.samples}
+
+
+if __name__ == "__main__":  # pragma: no cover - ``python -m streams.metrics``: the README table
+    print(reference())

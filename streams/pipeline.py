@@ -63,10 +63,83 @@ def _command_output(command: Any, at_ns: int) -> Output:
                   command.incident_id or "")
 
 
-def outputs_for(policy: Policy, findings: list[Finding], breakers: dict[str, list] | None = None) -> list[Output]:
+@dataclass(slots=True)
+class ActiveCommand:
+    """A breaker command a key issued and has not released (stored as a list, in field order).
+
+    >>> c = ActiveCommand("cmd-1", 5, "inc-1", "no_progress_loop", "session", "s1", "t", "enforce")
+    >>> ActiveCommand.from_list(c.to_list()) == c
+    True
+    """
+
+    command_id: str
+    expires_ns: int
+    incident_id: str | None
+    detector: str
+    scope_kind: str
+    scope_key: str
+    tenant: str | None
+    mode: str
+
+    def to_list(self) -> list:
+        return [self.command_id, self.expires_ns, self.incident_id, self.detector, self.scope_kind,
+                self.scope_key, self.tenant, self.mode]
+
+    @classmethod
+    def from_list(cls, a: list) -> ActiveCommand:
+        return cls(str(a[0]), int(a[1]), a[2], str(a[3]), str(a[4]), str(a[5]), a[6], str(a[7]))
+
+
+@dataclass(slots=True)
+class Ledger:
+    """The breaker commands one key has in force, by command id — part of every stage's state.
+
+    >>> led = Ledger()
+    >>> led.add(ActiveCommand("cmd-1", 5, "inc-1", "no_progress_loop", "session", "s1", None, "enforce"))
+    >>> led.deadline(), bool(led), Ledger.load(led.dump()) == led
+    (5, True, True)
+    >>> [c.command_id for c in led.due(5)], bool(led)
+    (['cmd-1'], False)
+    """
+
+    active: dict[str, ActiveCommand] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.active)
+
+    def add(self, c: ActiveCommand) -> None:
+        self.active[c.command_id] = c
+
+    def pop(self, command_id: str) -> ActiveCommand | None:
+        return self.active.pop(command_id, None)
+
+    def of_incident(self, incident_id: str) -> ActiveCommand | None:
+        """Take out the command an incident issued, if it is still in force."""
+        for cid, c in self.active.items():
+            if c.incident_id == incident_id:
+                return self.active.pop(cid)
+        return None
+
+    def due(self, watermark_ns: int) -> list[ActiveCommand]:
+        """Take out the commands whose TTL the watermark has passed, in command-id order."""
+        gone = sorted(cid for cid, c in self.active.items() if c.expires_ns <= watermark_ns)
+        return [self.active.pop(cid) for cid in gone]
+
+    def deadline(self) -> int | None:
+        return min((c.expires_ns for c in self.active.values()), default=None)
+
+    def dump(self) -> dict[str, list]:
+        return {cid: c.to_list() for cid, c in self.active.items()}
+
+    @classmethod
+    def load(cls, data: dict[str, list] | None) -> Ledger:
+        return cls({cid: ActiveCommand.from_list(a) for cid, a in (data or {}).items()})
+
+
+def outputs_for(policy: Policy, findings: list[Finding], ledger: Ledger | None = None) -> list[Output]:
     """Findings → serialized incidents and commands (the incident precedes its command).
 
-    ``breakers`` (part of the caller's state) tracks the commands this key has issued and not yet
+    ``ledger`` (part of the caller's state) tracks the commands this key has issued and not yet
     released: an episode that resolves releases its command at once (early release).
     """
     out: list[Output] = []
@@ -78,35 +151,53 @@ def outputs_for(policy: Policy, findings: list[Finding], breakers: dict[str, lis
                               None, incident.incident_id))
         if command is not None:
             out.append(_command_output(command, f.detected_at_ns))
-            if breakers is not None:
+            if ledger is not None:
                 if incident is not None and incident.breaker_command_id != command.command_id:
-                    breakers.pop(incident.breaker_command_id or "", None)  # a renewal replaces it
+                    ledger.pop(incident.breaker_command_id or "")  # a renewal replaces it
                 ttl_ns = int(policy.breaker_ttl_s(f.detector, f.tenant, f.command_scope_kind) * 1e9)
-                breakers[command.command_id] = [
-                    command.command_id, f.detected_at_ns + ttl_ns, command.incident_id, f.detector,
-                    command.scope.kind, command.scope.key, command.scope.tenant, command.mode]
-        elif (f.status == "resolved" and breakers and incident is not None
+                ledger.add(ActiveCommand(command.command_id, f.detected_at_ns + ttl_ns, command.incident_id,
+                                         f.detector, command.scope.kind, command.scope.key, command.scope.tenant,
+                                         command.mode))
+        elif (f.status == "resolved" and ledger and incident is not None
               and f.evidence.get("release", True)):  # cost episodes keep their halt until it expires
-            cid = next((c for c, a in breakers.items() if a[2] == incident.incident_id), None)
-            if cid is None:
+            active = ledger.of_incident(incident.incident_id)
+            if active is None:
                 continue
-            active = breakers.pop(cid)
             out.append(_command_output(release(policy, active, f.detected_at_ns, f"resolved: {f.reason}"),
                                        f.detected_at_ns))
     return out
 
 
-def expire_breakers(policy: Policy, breakers: dict[str, list], watermark_ns: int) -> list[Output]:
+def expire_commands(policy: Policy, ledger: Ledger, watermark_ns: int) -> list[Output]:
     """Release every command whose TTL the watermark has passed (release at expiry)."""
-    out: list[Output] = []
-    for cid in sorted(c for c, a in breakers.items() if a[1] <= watermark_ns):
-        active = breakers.pop(cid)
-        out.append(_command_output(release(policy, active, active[1], "expired"), active[1]))
+    return [_command_output(release(policy, c, c.expires_ns, "expired"), c.expires_ns)
+            for c in ledger.due(watermark_ns)]
+
+
+def with_ledger(policy: Policy, ledger: Ledger, findings: list[Finding], watermark_ns: int | None,
+                tap: Any = None) -> list[Output]:
+    """The one composition every stage uses: findings → records (the ledger issues and releases
+    commands), then, with a watermark, the releases of commands it has passed. ``tap`` (tests)
+    sees the findings first."""
+    if tap is not None and findings:
+        tap(findings)
+    out = outputs_for(policy, findings, ledger) if findings else []
+    if watermark_ns is not None and ledger:
+        out.extend(expire_commands(policy, ledger, watermark_ns))
     return out
 
 
-def breakers_deadline(breakers: dict[str, list]) -> int | None:
-    return min((a[1] for a in breakers.values()), default=None)
+def earliest(*deadlines: int | None) -> int | None:
+    """The earliest of some optional deadlines.
+
+    >>> earliest(None, 5, 3), earliest(None, None)
+    (3, None)
+    """
+    best = None
+    for d in deadlines:
+        if d is not None and (best is None or d < best):
+            best = d
+    return best
 
 
 @dataclass(slots=True)
@@ -115,7 +206,7 @@ class SessionState:
 
     last_seen_ns: int = 0
     loop: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    ledger: Ledger = field(default_factory=Ledger)  # the breaker commands this session has in force
     implicit: Any = None  # implicit-retry tracker
     retry: Any = None  # session retry storm
     cost: Any = None  # session cost velocity
@@ -150,6 +241,7 @@ class SessionPipeline:
         self.session_cost = cost.SessionCostVelocity(policy.section("cost_velocity", None).params())
         self.prices = policy.price_table()
         self.duplicates = 0  # spans skipped as already applied (a counter for replay and metrics)
+        self.tap: Any = None  # tests: called with every batch of findings
         self.retry_on = policy.mode("retry_storm", None) != "off" or any(
             policy.mode("retry_storm", t) != "off" for t in policy.spec.tenants)
         self.cost_on = policy.mode("cost_velocity", None) != "off" or any(
@@ -219,7 +311,7 @@ class SessionPipeline:
                 findings.extend(fs)
             for tenant, agg in ca["tenants"].items():
                 forwards.append(Output("forward", f"tenant:{tenant}".encode(), b"", payload=agg))
-        out = outputs_for(self.policy, findings, state.extra.setdefault("breakers", {})) if findings else []
+        out = with_ledger(self.policy, state.ledger, findings, None, self.tap)
         return state, out + forwards if forwards else out
 
     def advance(self, state: SessionState, watermark_ns: int) -> tuple[SessionState, list[Output]]:
@@ -231,27 +323,15 @@ class SessionPipeline:
         if self.session_cost.next_deadline(state.cost) is not None:
             state.cost, fs = self.session_cost.advance(state.cost, watermark_ns)
             findings.extend(fs)
-        b = state.extra.setdefault("breakers", {})
-        out = outputs_for(self.policy, findings, b) if findings else []
-        if b:
-            out.extend(expire_breakers(self.policy, b, watermark_ns))
-        return state, out
+        return state, with_ledger(self.policy, state.ledger, findings, watermark_ns, self.tap)
 
     def next_deadline(self, state: SessionState) -> int | None:
         """Event time at which :meth:`advance` has work for this session, if any."""
-        d = self.session_retry.next_deadline(state.retry)
-        c = self.session_cost.next_deadline(state.cost)
-        if c is not None and (d is None or c < d):
-            d = c
-        b = state.extra.get("breakers")
-        if b:
-            c = breakers_deadline(b)
-            if c is not None and (d is None or c < d):
-                d = c
-        return d
+        return earliest(self.session_retry.next_deadline(state.retry), self.session_cost.next_deadline(state.cost),
+                        state.ledger.deadline())
 
     def expired(self, state: SessionState, watermark_ns: int) -> bool:
-        if state.extra.get("breakers"):
+        if state.ledger:
             return False
         return (self._loop(state.loop.tenant).expired(state.loop, watermark_ns)
                 and self.session_retry.expired(state.retry, watermark_ns)
@@ -262,7 +342,7 @@ class SessionPipeline:
     def dump(self, state: SessionState) -> bytes:
         return orjson.dumps(
             {"v": STATE_VERSION, "last_seen_ns": state.last_seen_ns,
-             "loop": self._default_loop.dump(state.loop), "extra": state.extra,
+             "loop": self._default_loop.dump(state.loop), "extra": {"breakers": state.ledger.dump()},
              "implicit": self.tracker.dump(state.implicit), "retry": self.session_retry.dump(state.retry),
              "cost": self.session_cost.dump(state.cost), "seen": state.seen}
         )
@@ -271,6 +351,7 @@ class SessionPipeline:
         d = orjson.loads(data)
         if d.get("v") != STATE_VERSION:
             return self.new_state()
-        return SessionState(d["last_seen_ns"], self._default_loop.load(d["loop"]), d.get("extra") or {},
+        return SessionState(d["last_seen_ns"], self._default_loop.load(d["loop"]),
+                            Ledger.load((d.get("extra") or {}).get("breakers")),
                             self.tracker.load(d["implicit"]), self.session_retry.load(d["retry"]),
                             self.session_cost.load(d["cost"]), list(d.get("seen") or ()))

@@ -9,7 +9,10 @@ A policy file is TOML::
     [tenants.acme.detectors.no_progress_loop]
     mode = "shadow"
 
-Unknown keys are errors that name the key (a typo must not silently keep a default).
+Unknown keys are errors that name the key (a typo must not silently keep a default). So is a
+per-tenant key that no detector reads per tenant (:data:`TENANT_KEYS`): the route- and
+tenant-scoped cores, and the trace and workflow cores, are built once from the global section, so
+only modes and breaker TTLs (and every ``no_progress_loop`` key) can differ by tenant.
 
 >>> p = Policy.from_toml('[detectors.no_progress_loop]\\nrepeat_threshold = 4\\n'
 ...                      '[tenants.acme.detectors.no_progress_loop]\\nmode = "shadow"\\n')
@@ -132,6 +135,20 @@ DETECTOR_POLICIES: dict[str, type[_Strict]] = {
 }
 
 
+#: The keys of each detector's section that take effect per tenant (``[tenants.T.detectors.D]``).
+#: ``mode`` and the breaker TTLs are read with the finding's tenant (:func:`apply`); no_progress_loop
+#: builds a core per tenant (``loop_params(tenant)``). The other detectors' thresholds and windows
+#: are read once, from the global section (streams/stages.py, streams/pipeline.py), so a tenant value
+#: would be accepted and silently ignored: loading it is an error that names it.
+TENANT_KEYS: dict[str, frozenset[str]] = {
+    "no_progress_loop": frozenset(LoopPolicy.model_fields),
+    "retry_storm": frozenset({"mode", "breaker_ttl_s"}),
+    "cost_velocity": frozenset({"mode", "breaker_ttl_s", "tenant_breaker_ttl_s"}),
+    "plan_deadlock": frozenset({"mode", "breaker_ttl_s"}),
+    "silent_success": frozenset({"mode", "breaker_ttl_s"}),
+}
+
+
 class DetectorPolicies(_Strict):
     no_progress_loop: LoopPolicy = LoopPolicy()
     retry_storm: RetryPolicy = RetryPolicy()
@@ -202,6 +219,12 @@ class Policy:
                     self._sections[(det, tenant)] = cls(**merged)
                 except ValidationError as exc:
                     raise PolicyError(f"tenants.{tenant}.detectors.{det}: {_fmt_errors(exc)}") from exc
+                ignored = sorted(k for k in override if k not in TENANT_KEYS[det])
+                if ignored:
+                    allowed = ", ".join(sorted(TENANT_KEYS[det]))
+                    raise PolicyError(
+                        f"tenants.{tenant}.detectors.{det}.{ignored[0]}: not applied per tenant (this detector "
+                        f"reads it once, from [detectors.{det}]); per-tenant keys of {det}: {allowed}")
 
     @classmethod
     def from_toml(cls, text: str) -> Policy:
@@ -344,16 +367,17 @@ def apply(policy: Policy, f: Finding) -> tuple[Incident | None, BreakerCommand |
     return incident, command
 
 
-def release(policy: Policy, active: list, at_ns: int, reason: str) -> BreakerCommand:
-    """The ``release`` of an active command (``active`` is a :class:`streams.pipeline` breaker entry:
-    ``[command_id, expires_ns, incident_id, detector, scope_kind, scope_key, tenant, mode]``).
+def release(policy: Policy, active: Any, at_ns: int, reason: str) -> BreakerCommand:
+    """The ``release`` of a command in force (``active``: a :class:`streams.pipeline.ActiveCommand`).
 
-    >>> active = ["cmd-1", 5, "inc-1", "no_progress_loop", "session", "s1", "t", "enforce"]
+    >>> from streams.pipeline import ActiveCommand
+    >>> active = ActiveCommand("cmd-1", 5, "inc-1", "no_progress_loop", "session", "s1", "t", "enforce")
     >>> c = release(Policy(), active, 10**9, "expired")
     >>> c.action, c.scope.key, c.reason, c.command_id == release(Policy(), active, 0, "resolved").command_id
     ('release', 's1', 'expired', True)
     """
-    command_id, _, incident_id, detector, kind, key, tenant, mode = active
+    command_id, incident_id, detector = active.command_id, active.incident_id, active.detector
+    kind, key, tenant, mode = active.scope_kind, active.scope_key, active.tenant, active.mode
     return BreakerCommand(
         command_id=stable_id("cmd", command_id, "release"),
         action="release",

@@ -1,7 +1,10 @@
 """``breakwater replay``: the live detector cores on files, without Kafka, on event time.
 
-Deterministic: the same input gives byte-identical output (no wall clock, no randomness, outputs in
-input order). Bad lines are counted on stderr by reason and never stop the run.
+Deterministic: the same input gives byte-identical output (no wall clock, no randomness). Spans
+are processed in batches of consecutive documents (at least ``batch_spans`` spans, a document never
+split); within a batch outputs come in event-time order, so the records do not depend on the batch
+size and their order only within a batch. Bad lines are counted on stderr by reason, the first ones
+with their file and line number, and never stop the run; a long run prints its progress on stderr.
 
 >>> import io
 >>> line = b'{"trace_id": "%s", "span_id": "%s", "name": "t", "start_time_unix_nano": %d, "end_time_unix_nano": %d, "attributes": {"gen_ai.tool.name": "ls", "tool.payload_hash": "h", "session.id": "s"}}'
@@ -16,18 +19,21 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
-from streams.ingest import Limits, decode, iter_documents
+from streams.ingest import Limits, decode
+from streams.ingest.decode import iter_numbered
 from streams.ingest.clock import RobustClock
 from streams.ingest.dialects import BAD_VALUES
 from streams.models import Span
-from streams.stages import MemoryRunner, build_stages, group, merge_forwards
 from streams.pipeline import Output
+from streams.runner import EventClock, MemoryStore
+from streams.stages import build_stages, group, merge_forwards, runner_for
 from streams.policy import Policy
 
 REPLAY_LIMITS = Limits(max_message_bytes=1 << 40, max_spans_per_message=1 << 40)
@@ -61,6 +67,12 @@ class ReplayStats:
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     bad_values: Counter[str] = field(default_factory=Counter)
+    examples: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line, reason), the first few
+    event_time_ns: int = 0  # the highest event time reached
+
+
+REJECTED_EXAMPLES = 10  # rejected documents named by file and line in the summary
+REPLAY_BATCH_SPANS = 1000
 
 
 class Replayer:
@@ -69,16 +81,20 @@ class Replayer:
     def __init__(self, policy: Policy | None = None) -> None:
         self.policy = policy or Policy()
         self.stages = build_stages(self.policy)
-        self.runners = [MemoryRunner(st) for st in self.stages]
+        self.runners = [runner_for(st, self.policy, MemoryStore()) for st in self.stages]
         self.pipe = self.stages[0]
-        self.max_event_ns = 0
+        self.events = EventClock(self.policy.allowed_lateness_ns)  # one partition: the whole input
         self.stats = ReplayStats()
         self.clock = RobustClock(self.policy.max_clock_skew_ns, self.policy.max_span_age_ns)
 
     @property
     def states(self) -> dict:
         """Session states (the loop detector's)."""
-        return self.runners[0].states
+        return self.runners[0].store.states
+
+    @property
+    def max_event_ns(self) -> int:
+        return self.events.high(0)
 
     @property
     def watermark_ns(self) -> int:
@@ -94,19 +110,20 @@ class Replayer:
         if rejected:
             self.stats.rejected["clock_skew"] += rejected
         self.stats.spans += n
+        hi = 0
         for s in spans:
-            if s.end_ns > self.max_event_ns:
-                self.max_event_ns = s.end_ns
-        wm = self.watermark_ns
+            if s.end_ns > hi:
+                hi = s.end_ns
+        wm = self.events.observe(0, hi)
         outputs = []
         for r in self.runners[:-1]:
-            outputs.extend(r.feed(group(r.stage, spans), wm))
+            outputs.extend(r.feed(0, group(r.stage, spans), wm))
         forwards = merge_forwards(outputs)
         if forwards:
             outputs = [o for o in outputs if o.kind != "forward"]
-            outputs.extend(self.runners[-1].feed(forwards, wm))
+            outputs.extend(self.runners[-1].feed(0, forwards, wm))
         for r in self.runners:
-            fired = r.fire(wm)
+            fired = r.fire(0, wm)
             outputs.extend(o for o in fired if o.kind != "forward")
         # event-time order, so the output does not depend on how the input was batched
         outputs.sort(key=Output.order)
@@ -132,7 +149,15 @@ def run(
     commands_out: BinaryIO | None = None,
     policy: Policy | None = None,
     limits: Limits | None = None,
+    batch_spans: int = REPLAY_BATCH_SPANS,
+    progress: Callable[[ReplayStats], None] | None = None,
+    progress_every_s: float = 5.0,
+    names: list[str] | None = None,
 ) -> ReplayStats:
+    """Replay ``inputs`` (files opened in binary mode; ``names`` label them in the summary).
+
+    ``progress`` is called with the running stats about every ``progress_every_s`` seconds of
+    wall time (a report to a person only: it never changes the output)."""
     rep = Replayer(policy)
     # A replay file may be one big JSON array: the Kafka message limits do not apply to it.
     kw = {"limits": limits or REPLAY_LIMITS}
@@ -148,16 +173,35 @@ def run(
                     commands_out.write(o.value + b"\n")
 
     bad_before = Counter(BAD_VALUES)
+    pending: list[Span] = []
+    stats = rep.stats
+    next_report = time.monotonic() + progress_every_s
     with young_gc_threshold():
-        for fp in inputs:
-            for doc in iter_documents(fp):
-                rep.stats.documents += 1
+        for i, fp in enumerate(inputs):
+            name = names[i] if names and i < len(names) else getattr(fp, "name", "-")
+            if not isinstance(name, str) or name == "<stdin>":
+                name = "-"
+            for line, doc in iter_numbered(fp):
+                stats.documents += 1
                 decoded = decode(doc, **kw)
-                for r in decoded.rejections:
-                    rep.stats.rejected[r.reason] += 1
+                if decoded.rejections:
+                    for r in decoded.rejections:
+                        stats.rejected[r.reason] += 1
+                    if len(stats.examples) < REJECTED_EXAMPLES:
+                        stats.examples.append((name, line, decoded.rejections[0].reason))
+                if progress is not None and not stats.documents & 255 and time.monotonic() >= next_report:
+                    next_report = time.monotonic() + progress_every_s
+                    stats.event_time_ns = rep.max_event_ns
+                    progress(stats)
                 if decoded.spans:
-                    emit(rep.feed(decoded.spans))
+                    pending.extend(decoded.spans)
+                    if len(pending) >= batch_spans:
+                        emit(rep.feed(pending))
+                        pending = []
+        if pending:
+            emit(rep.feed(pending))
         emit(rep.finish())
+    stats.event_time_ns = rep.max_event_ns
     rep.stats.bad_values = Counter(BAD_VALUES) - bad_before
     return rep.stats
 
@@ -176,4 +220,22 @@ def report(stats: ReplayStats, err: BinaryIO | None = None) -> None:
         f"replay: {stats.documents} documents, {stats.spans} spans, {stats.incidents} incidents, "
         f"{stats.commands} commands, {rejected} rejected{' (' + reasons + ')' if reasons else ''}{extra}\n".encode()
     )
+    if stats.examples:
+        more = " …" if len(stats.examples) < rejected else ""
+        w.write(("replay: rejected at " + ", ".join(f"{f}:{n} ({r})" for f, n, r in stats.examples)
+                 + more + "\n").encode())
+    w.flush()
+
+
+def progress_line(stats: ReplayStats, started: float, err: BinaryIO | None = None) -> None:
+    """One progress line on stderr: documents, spans, incidents, the event time reached, the rate."""
+    from datetime import datetime, timezone
+
+    w = err or sys.stderr.buffer
+    secs = max(time.monotonic() - started, 1e-9)
+    at = "-"
+    if stats.event_time_ns:
+        at = datetime.fromtimestamp(stats.event_time_ns // 10**9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    w.write(f"replay: … {stats.documents:,} documents, {stats.spans:,} spans, {stats.incidents:,} incidents, "
+            f"event time {at}, {stats.spans / secs:,.0f} spans/s\n".encode())
     w.flush()

@@ -6,9 +6,10 @@ A stage is the unit both drivers share:
 * ``trace`` — ``silent_success``, keyed by trace id (every span of the trace);
 * ``workflow`` — ``plan_deadlock``, keyed by workflow id (only spans that carry plan facts).
 
-Live, each stage has its own repartition topic and faust table (``streams.app``); in replay,
-:class:`MemoryRunner` keeps the states in a dict and the timers in a heap. Both call the same
-``step`` / ``advance`` / ``next_deadline`` / ``expired`` methods below.
+Live, each stage has its own repartition topic and faust table (``streams.app``); replay keeps
+the states in memory. Both drive a stage through the same :class:`streams.runner.KeyedRunner`
+(:func:`runner_for`), which calls the ``step`` / ``advance`` / ``next_deadline`` / ``expired``
+methods below.
 
 >>> from streams.policy import Policy
 >>> [s.name for s in build_stages(Policy())]
@@ -17,7 +18,6 @@ Live, each stage has its own repartition topic and faust table (``streams.app``)
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -26,12 +26,11 @@ import orjson
 from streams import semconv
 from streams.detectors import cost, deadlock, retry, silent
 from streams.models import Span
-from streams.pipeline import Output, SessionPipeline, breakers_deadline, expire_breakers, outputs_for
+from streams.pipeline import Ledger, Output, SessionPipeline, earliest, with_ledger
 from streams.policy import Policy
+from streams.runner import KeyedRunner, Store
 
 STAGE_STATE_VERSION = 1
-SWEEP_EVERY_NS = 60 * 10**9
-END_OF_TIME = 2**63 - 1
 
 
 class Stage(Protocol):
@@ -65,7 +64,7 @@ class StageState:
     """A detector's state plus the breaker commands this key issued and has not released."""
 
     det: Any
-    breakers: dict[str, list] = field(default_factory=dict)
+    ledger: Ledger = field(default_factory=Ledger)
 
 
 class DetectorStage:
@@ -77,6 +76,7 @@ class DetectorStage:
         self.policy = policy
         self.det = detector
         self.key_of = key_of  # type: ignore[method-assign]
+        self.tap: Any = None  # tests: called with every batch of findings
 
     def new_state(self) -> StageState:
         return StageState(self.det.new_state())
@@ -93,27 +93,17 @@ class DetectorStage:
         det_state, fs = self.det.advance(det_state, watermark_ns)
         findings.extend(fs)
         state.det = det_state
-        out = outputs_for(self.policy, findings, state.breakers) if findings else []
-        if state.breakers:
-            out.extend(expire_breakers(self.policy, state.breakers, watermark_ns))
-        return state, out
+        return state, with_ledger(self.policy, state.ledger, findings, watermark_ns, self.tap)
 
     def advance(self, state: StageState, watermark_ns: int) -> tuple[StageState, list[Output]]:
         state.det, fs = self.det.advance(state.det, watermark_ns)
-        out = outputs_for(self.policy, fs, state.breakers) if fs else []
-        if state.breakers:
-            out.extend(expire_breakers(self.policy, state.breakers, watermark_ns))
-        return state, out
+        return state, with_ledger(self.policy, state.ledger, fs, watermark_ns, self.tap)
 
     def next_deadline(self, state: StageState) -> int | None:
-        d = self.det.next_deadline(state.det)
-        b = breakers_deadline(state.breakers) if state.breakers else None
-        if d is None:
-            return b
-        return d if b is None else min(d, b)
+        return earliest(self.det.next_deadline(state.det), state.ledger.deadline())
 
     def expired(self, state: StageState, watermark_ns: int) -> bool:
-        return not state.breakers and self.det.expired(state.det, watermark_ns)
+        return not state.ledger and self.det.expired(state.det, watermark_ns)
 
     def last_seen(self, state: StageState) -> int:
         """Latest span end this key has received (buffered spans included)."""
@@ -123,13 +113,13 @@ class DetectorStage:
         return max(v, int(pending[-1][0])) if pending else v
 
     def dump(self, state: StageState) -> bytes:
-        return orjson.dumps({"v": STAGE_STATE_VERSION, "s": self.det.dump(state.det), "b": state.breakers})
+        return orjson.dumps({"v": STAGE_STATE_VERSION, "s": self.det.dump(state.det), "b": state.ledger.dump()})
 
     def load(self, raw: bytes) -> StageState:
         d = orjson.loads(raw)
         if d.get("v") != STAGE_STATE_VERSION:
             return self.new_state()
-        return StageState(self.det.load(d["s"]), d.get("b") or {})
+        return StageState(self.det.load(d["s"]), Ledger.load(d.get("b")))
 
 
 @dataclass(slots=True)
@@ -138,7 +128,7 @@ class ScopeState:
 
     kind: str = "route"
     det: Any = None
-    breakers: dict[str, list] = field(default_factory=dict)
+    ledger: Ledger = field(default_factory=Ledger)
 
 
 class ScopeStage:
@@ -156,6 +146,7 @@ class ScopeStage:
             "tenant": cost.TenantCostVelocity(policy.section("cost_velocity", None).params()),
         }
         self.schemas = {"route": retry.ROUTE_SCHEMA, "tenant": cost.TENANT_SCHEMA}
+        self.tap: Any = None  # tests: called with every batch of findings
 
     def key_of(self, span: Span) -> str | None:  # noqa: ARG002
         return None
@@ -171,30 +162,23 @@ class ScopeStage:
         if state.det is None:
             state.kind, state.det = kind, core.new_state()
         state.det, fs = core.step(state.det, merged, watermark_ns)
-        return state, outputs_for(self.policy, fs, state.breakers) if fs else []
+        return state, with_ledger(self.policy, state.ledger, fs, None, self.tap)
 
     def advance(self, state: ScopeState, watermark_ns: int) -> tuple[ScopeState, list[Output]]:
         if state.det is None:
             return state, []
         state.det, fs = self.cores[state.kind].advance(state.det, watermark_ns)
-        out = outputs_for(self.policy, fs, state.breakers) if fs else []
-        if state.breakers:
-            out.extend(expire_breakers(self.policy, state.breakers, watermark_ns))
-        return state, out
+        return state, with_ledger(self.policy, state.ledger, fs, watermark_ns, self.tap)
 
     def next_deadline(self, state: ScopeState) -> int | None:
         if state.det is None:
             return None
-        d = self.cores[state.kind].next_deadline(state.det)
-        bd = breakers_deadline(state.breakers) if state.breakers else None
-        if d is None:
-            return bd
-        return d if bd is None else min(d, bd)
+        return earliest(self.cores[state.kind].next_deadline(state.det), state.ledger.deadline())
 
     def expired(self, state: ScopeState, watermark_ns: int) -> bool:
         if state.det is None:
             return True
-        return not state.breakers and self.cores[state.kind].expired(state.det, watermark_ns)
+        return not state.ledger and self.cores[state.kind].expired(state.det, watermark_ns)
 
     def last_seen(self, state: ScopeState) -> int:
         st = state.det
@@ -202,14 +186,14 @@ class ScopeStage:
 
     def dump(self, state: ScopeState) -> bytes:
         det = self.cores[state.kind].dump(state.det) if state.det is not None else None
-        return orjson.dumps({"v": STAGE_STATE_VERSION, "k": state.kind, "s": det, "b": state.breakers})
+        return orjson.dumps({"v": STAGE_STATE_VERSION, "k": state.kind, "s": det, "b": state.ledger.dump()})
 
     def load(self, raw: bytes) -> ScopeState:
         d = orjson.loads(raw)
         if d.get("v") != STAGE_STATE_VERSION or d.get("k") not in self.cores:
             return self.new_state()
         det = self.cores[d["k"]].load(d["s"]) if d.get("s") is not None else None
-        return ScopeState(d["k"], det, d.get("b") or {})
+        return ScopeState(d["k"], det, Ledger.load(d.get("b")))
 
 
 def merge_forwards(outputs: list[Output]) -> dict[str, list[dict]]:
@@ -251,94 +235,39 @@ def group(stage: Any, spans: list[Span]) -> dict[str, list[Span]]:
     return out
 
 
-class MemoryRunner:
-    """A stage's states in a dict, its timers in a heap: the replay driver.
+ROUTE_IDLE_NS = 600 * 10**9  # a route's window is 60 s: 10 min of silence and its state can go
 
-    ``due`` holds each key's scheduled deadline (its state's ``next_deadline``); heap entries that
-    no longer match it are stale and skipped without touching the state.
 
-    >>> from streams.policy import Policy
-    >>> r = MemoryRunner(build_stages(Policy())[0])
-    >>> r.feed({}, 0), r.fire(0), r.finish()
+def idle_ttl_ns(policy: Policy, stage: str) -> int:
+    """Event time after its last span past which a stage's state may be gone (the sweep's bound)."""
+    if stage == "session":
+        return int(policy.max_ttl_s("no_progress_loop", "session_ttl_s") * 1e9)
+    if stage == "trace":
+        return int((policy.max_ttl_s("silent_success", "orphan_ttl_s")
+                    + policy.max_ttl_s("silent_success", "retention_s")) * 1e9)
+    if stage == "scope":  # tenants keep their learned spend baseline through quiet hours
+        return int(max(policy.max_ttl_s("cost_velocity", "tenant_breaker_ttl_s"), 21600.0) * 1e9)
+    return int(policy.max_ttl_s("plan_deadlock", "workflow_ttl_s") * 1e9)
+
+
+def _route_or_tenant(idle_ns: int) -> Callable[[Any], int]:
+    def idle(key: Any) -> int:
+        return ROUTE_IDLE_NS if key[:6] in (b"route:", "route:") else idle_ns
+    return idle
+
+
+def runner_for(stage: Any, policy: Policy, store: Store, max_keys: int = 0) -> KeyedRunner:
+    """The runner of one stage with its idle bounds: the scope stage's route keys go after
+    :data:`ROUTE_IDLE_NS` of silence (a route holds a 60-s window), its tenant keys after 6 h (the
+    spend baseline); other stages' keys after their detectors' longest TTL.
+
+    >>> from streams.runner import MemoryStore
+    >>> r = runner_for(build_stages(Policy())[0], Policy(), MemoryStore())
+    >>> r.feed(0, {}, 0), r.fire(0, 0), r.finish()
     ([], [], [])
     """
-
-    def __init__(self, stage: Any) -> None:
-        self.stage = stage
-        self.states: dict[str, Any] = {}
-        self.heap: list[tuple[int, str]] = []
-        self.due: dict[str, int] = {}
-        self.next_sweep_ns = 0
-        self.evicted = 0
-
-    def _schedule(self, key: str, d: int | None) -> None:
-        due = self.due
-        if d is None:
-            due.pop(key, None)
-        elif due.get(key) != d:
-            due[key] = d
-            heapq.heappush(self.heap, (d, key))
-
-    def feed(self, groups: dict[str, list[Any]], watermark_ns: int) -> list[Output]:
-        out: list[Output] = []
-        states = self.states
-        stage = self.stage
-        st_new = stage.new_state
-        next_deadline = stage.next_deadline
-        schedule = self._schedule
-        step_key = getattr(stage, "step_key", None)
-        step = getattr(stage, "step", None)
-        for key, items in groups.items():
-            st = states.get(key)
-            if st is None:
-                st = st_new()
-            if step_key is not None:
-                st, o = step_key(st, key, items, watermark_ns)
-            else:
-                st, o = step(st, items, watermark_ns)
-            states[key] = st
-            if o:
-                out.extend(o)
-            schedule(key, next_deadline(st))
-        return out
-
-    def fire(self, watermark_ns: int) -> list[Output]:
-        out: list[Output] = []
-        heap = self.heap
-        due = self.due
-        stage = self.stage
-        while heap and heap[0][0] <= watermark_ns:
-            d, key = heapq.heappop(heap)
-            if due.get(key) != d:
-                continue  # a stale timer: the key's real deadline is scheduled separately
-            del due[key]
-            st = self.states[key]
-            st, o = stage.advance(st, watermark_ns)
-            out.extend(o)
-            if stage.expired(st, watermark_ns):
-                del self.states[key]
-                self.evicted += 1
-                continue
-            d = stage.next_deadline(st)
-            if d is not None:
-                self._schedule(key, max(d, watermark_ns + 1) if d <= watermark_ns else d)
-        if watermark_ns >= self.next_sweep_ns:
-            self.next_sweep_ns = watermark_ns + SWEEP_EVERY_NS
-            expired = stage.expired
-            dead = [k for k, st in self.states.items() if k not in due and expired(st, watermark_ns)]
-            for k in dead:
-                del self.states[k]
-            self.evicted += len(dead)
-        return out
-
-    def finish(self) -> list[Output]:
-        """End of input: the watermark passes everything; timers fire in key order, state is dropped."""
-        out: list[Output] = []
-        for key in sorted(self.states):
-            _, o = self.stage.advance(self.states[key], END_OF_TIME)
-            out.extend(o)
-        self.evicted += len(self.states)
-        self.states.clear()
-        self.heap.clear()
-        self.due.clear()
-        return out
+    idle_ns = idle_ttl_ns(policy, stage.name)
+    if stage.name == "scope":
+        return KeyedRunner(stage, store, idle_ns=idle_ns, idle_of=_route_or_tenant(idle_ns),
+                           min_idle_ns=ROUTE_IDLE_NS, max_keys=max_keys)
+    return KeyedRunner(stage, store, idle_ns=idle_ns, max_keys=max_keys)

@@ -1,12 +1,19 @@
-"""``breakwater tail incidents|breaker``: what an SRE runs.
+"""``breakwater tail incidents|breaker|dlq``: what an SRE runs.
 
-Reads ``agent.incidents`` or ``agent.breaker`` from the beginning (no consumer group, every
+Reads ``agent.incidents``, ``agent.breaker`` or ``agent.spans.dlq`` from the beginning (no consumer group, every
 partition assigned; ``since_ns`` seeks by record timestamp) and prints one readable line per record::
 
     2026-01-01T12:00:03.120Z  CRITICAL  no_progress_loop  session:s1  open      Session s1 looped.  [cmd-1f…]
     2026-01-01T12:00:03.120Z  HALT      session:s1  enforce  expires 2026-01-01T12:15:03Z  no_progress_loop:repeat
 
 Times are RFC 3339 in UTC, with the date and ``Z``.
+
+``dlq`` prints what the worker rejected, from the record's headers (schemas/agent.spans.dlq.headers.schema.json)
+and never its content: the time it was rejected, the reason, where the original message was
+(``topic[partition]@offset``), its size, a SHA-256 prefix of the stored bytes, whether it was
+truncated, how many rejections it carried and the detail sentence::
+
+    2026-01-01T12:00:03.120Z  bad_json        agent.spans[0]@41  9 B  sha256:1f2e3d4c5b6a  not valid JSON (…)
 
 Colours when the output is a terminal (and ``NO_COLOR`` is unset); ``--json`` prints each value
 as one compact JSON line instead. Without ``follow`` it stops once the topic has been quiet for
@@ -39,7 +46,9 @@ from streams.semconv import is_sensitive
 if TYPE_CHECKING:  # pragma: no cover
     from streams.settings import Settings
 
-WHAT = ("incidents", "breaker")
+WHAT = ("incidents", "breaker", "dlq")
+#: What :func:`render` formats from a record's value alone (a DLQ record is read from its headers).
+VALUE_KINDS = ("incidents", "breaker")
 
 _RESET = "\x1b[0m"
 _BOLD = "\x1b[1m"
@@ -55,6 +64,7 @@ _STATUS_COLOR = {"open": _RED, "updated": _YELLOW, "resolved": _GREEN}
 _ACTION_COLOR = {"HALT": _BOLD + _RED, "TRIP": _BOLD + _RED, "THROTTLE": _YELLOW, "HOLD": _MAGENTA,
                  "RELEASE": _GREEN}
 _MODE_COLOR = {"shadow": _DIM}
+_REASON_COLOR = _YELLOW
 
 # C0/C1 controls, DEL, and bidi overrides ("Trojan Source"): never reach the terminal raw.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -192,7 +202,8 @@ class Filters:
     """Record filters; each applies where the record has the field (``severity``: incidents only).
 
     ``tenant`` matches the incident's ``tenant`` or the command's ``scope.tenant``, and a
-    ``tenant``-kind scope key. ``since_ns`` compares with the Kafka record timestamp.
+    ``tenant``-kind scope key. ``since_ns`` compares with the Kafka record timestamp. ``reason``
+    (DLQ records only) matches the rejection reason.
 
     >>> f = Filters(detector="no_progress_loop", tenant="acme", severity="critical")
     >>> f.matches({"detector": "no_progress_loop", "tenant": "acme", "severity": "critical"}, "incidents")
@@ -204,12 +215,15 @@ class Filters:
     True
     >>> Filters(since_ns=2_000_000).matches({}, "breaker", timestamp_ms=1)
     False
+    >>> Filters(reason="bad_json").matches({"reason": "clock_skew"}, "dlq")
+    False
     """
 
     detector: str | None = None
     tenant: str | None = None
     severity: str | None = None
     since_ns: int | None = None
+    reason: str | None = None
 
     def matches(self, d: dict[str, Any], what: str, timestamp_ms: int | None = None) -> bool:
         if self.since_ns is not None and timestamp_ms is not None and timestamp_ms * 1_000_000 < self.since_ns:
@@ -217,6 +231,8 @@ class Filters:
         if self.detector is not None and d.get("detector") != self.detector:
             return False
         if self.severity is not None and what == "incidents" and d.get("severity") != self.severity:
+            return False
+        if self.reason is not None and what == "dlq" and d.get("reason") != self.reason:
             return False
         if self.tenant is not None:
             sc = d.get("scope") if isinstance(d.get("scope"), dict) else {}
@@ -297,8 +313,8 @@ def render(value: bytes | None, what: str, *, as_json: bool = False, color: bool
     ...
     streams.tail.BadRecord: not JSON
     """
-    if what not in WHAT:
-        raise ValueError(f"what must be one of {WHAT}, got {what!r}")
+    if what not in VALUE_KINDS:
+        raise ValueError(f"what must be one of {VALUE_KINDS}, got {what!r}")
     if value is None:  # a tombstone on the compacted breaker topic
         return None
     try:
@@ -315,6 +331,95 @@ def render(value: bytes | None, what: str, *, as_json: bool = False, color: bool
         return format_incident(d, color) if what == "incidents" else format_command(d, color)
     except Exception as exc:  # noqa: BLE001 - a hostile record must never crash the tail
         raise BadRecord(f"unformattable: {type(exc).__name__}") from None
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """The last value of header ``name``, decoded (bad UTF-8 replaced), or None."""
+    found = None
+    for k, v in headers or ():
+        if k == name:
+            found = v
+    if found is None:
+        return None
+    return found.decode("utf-8", "replace") if isinstance(found, bytes | bytearray) else str(found)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def dlq_record(value: bytes | None, headers: Any, *, key: bytes | None = None, timestamp_ms: int | None = None,
+               partition: int | None = None, offset: int | None = None) -> dict[str, Any]:
+    """What ``tail dlq`` shows of one DLQ record: its headers, sizes and hashes, never its content.
+
+    ``bytes`` and ``sha256`` (a 12-digit prefix) describe the stored value, which is the original
+    cut to the DLQ's record budget when ``truncated`` (``original_bytes`` is then the full size);
+    the key is shown the same way. Header values are made safe for a terminal.
+
+    >>> d = dlq_record(b"{oops", [("error.reason", b"bad_json"), ("error.detail", b"not valid JSON"),
+    ...                ("error.count", b"1"), ("source.topic", b"agent.spans"), ("source.partition", b"2"),
+    ...                ("source.offset", b"41")], key=b"s1", timestamp_ms=1767225600000, partition=0, offset=7)
+    >>> d["reason"], d["source"], d["bytes"], d["truncated"], d["sha256"]
+    ('bad_json', {'topic': 'agent.spans', 'partition': 2, 'offset': 41}, 5, False, '935aaf3a54c0')
+    >>> "oops" in repr(d) or "s1" in repr(d)
+    False
+    """
+    import hashlib
+
+    raw = bytes(value) if value is not None else b""
+    truncated = _header(headers, "error.truncated")
+    h = (lambda name: (lambda v: clean(v, 1000) if v is not None else None)(_header(headers, name)))
+    return {
+        "rejected_at": _stamp_ms(timestamp_ms),
+        "reason": h("error.reason"),
+        "detail": h("error.detail"),
+        "count": _int(_header(headers, "error.count")),
+        "source": {"topic": h("source.topic"), "partition": _int(_header(headers, "source.partition")),
+                   "offset": _int(_header(headers, "source.offset"))},
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest()[:12],
+        "truncated": truncated is not None and truncated.strip() not in ("", "0", "false"),
+        "original_bytes": _int(_header(headers, "error.original_bytes")),
+        "key_bytes": len(key) if key is not None else None,
+        "key_sha256": hashlib.sha256(bytes(key)).hexdigest()[:12] if key is not None else None,
+        "dlq": {"partition": partition, "offset": offset},
+    }
+
+
+def _stamp_ms(timestamp_ms: int | None) -> str | None:
+    if timestamp_ms is None:
+        return None
+    return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
+
+
+def format_dlq(d: dict[str, Any], color: bool = False) -> str:
+    """One line for a DLQ record (a :func:`dlq_record`): when it was rejected, why, where from, how big.
+
+    >>> format_dlq({"rejected_at": "2026-01-01T00:00:00.000Z", "reason": "oversized", "detail": "too big",
+    ...             "count": 3, "source": {"topic": "otlp_spans", "partition": 1, "offset": 9}, "bytes": 983040,
+    ...             "sha256": "0123456789ab", "truncated": True, "original_bytes": 2000000})
+    '2026-01-01T00:00:00.000Z  oversized       otlp_spans[1]@9  983,040 B  sha256:0123456789ab  TRUNCATED from 2,000,000 B  3 rejections  too big'
+    """
+    src = d.get("source") or {}
+    where = f"{clean(src.get('topic'), 120)}[{clean(src.get('partition'), 12)}]@{clean(src.get('offset'), 24)}"
+    parts = [
+        _paint(d.get("rejected_at") or "????-??-??T??:??:??.???Z", _DIM, color),
+        _paint(f"{clean(d.get('reason'), 40):<14}", _REASON_COLOR, color),
+        where,
+        f"{d.get('bytes', 0):,} B",
+        f"sha256:{d.get('sha256')}",
+    ]
+    if d.get("truncated"):
+        orig = d.get("original_bytes")
+        parts.append(_paint("TRUNCATED" + (f" from {orig:,} B" if isinstance(orig, int) else ""), _BOLD, color))
+    count = d.get("count")
+    if isinstance(count, int) and count > 1:
+        parts.append(f"{count} rejections")
+    parts.append(clean(d.get("detail"), 400))
+    return "  ".join(parts)
 
 
 @dataclass
@@ -357,10 +462,14 @@ class Printer:
         self.what, self.out, self.err, self.color, self.as_json = what, out, err, color, as_json
         self.filters = filters or Filters()
         self.stats = TailStats()
+        self.reasons: dict[str, int] = {}  # DLQ reasons seen (for "nothing matched --reason")
 
     def handle(self, value: bytes | None, *, timestamp_ms: int | None = None, topic: str = "",
-               partition: int | None = None, offset: int | None = None) -> bool:
+               partition: int | None = None, offset: int | None = None, headers: Any = None,
+               key: bytes | None = None) -> bool:
         """Print one record if it passes the filters; True when a line was printed."""
+        if self.what == "dlq":
+            return self._handle_dlq(value, timestamp_ms, partition, offset, headers, key)
         if value is None:
             self.stats.tombstones += 1
             return False
@@ -377,6 +486,18 @@ class Printer:
             self.stats.filtered += 1
             return False
         self.out.write(line + "\n")
+        self.stats.printed += 1
+        return True
+
+    def _handle_dlq(self, value: bytes | None, timestamp_ms: int | None, partition: int | None,
+                    offset: int | None, headers: Any, key: bytes | None) -> bool:
+        d = dlq_record(value, headers, key=key, timestamp_ms=timestamp_ms, partition=partition, offset=offset)
+        reason = d["reason"] or "-"
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if not self.filters.matches(d, "dlq", timestamp_ms):
+            self.stats.filtered += 1
+            return False
+        self.out.write((_json_line(d) if self.as_json else format_dlq(d, self.color)) + "\n")
         self.stats.printed += 1
         return True
 
@@ -420,10 +541,10 @@ async def _partitions(consumer: Any, topic: str, follow: bool, err: TextIO) -> l
 
 async def tail(settings: Settings, what: str, *, follow: bool = False, as_json: bool = False,
                detector: str | None = None, tenant: str | None = None, severity: str | None = None,
-               since_ns: int | None = None, out: TextIO | None = None, err: TextIO | None = None,
+               since_ns: int | None = None, reason: str | None = None, out: TextIO | None = None, err: TextIO | None = None,
                color: bool | None = None, max_records: int | None = None,
                idle_timeout_s: float | None = None) -> TailStats:
-    """Print incidents or breaker commands from the beginning of the topic (or ``since_ns``).
+    """Print incidents, breaker commands or DLQ records from the beginning of the topic (or ``since_ns``).
 
     Stops after ``max_records`` printed lines, or — without ``follow`` — after ``idle_timeout_s``
     (default 2 s) without new records. ``out``/``err`` default to stdout/stderr.
@@ -432,18 +553,20 @@ async def tail(settings: Settings, what: str, *, follow: bool = False, as_json: 
     >>> asyncio.run(tail(Settings(), "nonsense"))
     Traceback (most recent call last):
     ...
-    ValueError: what must be 'incidents' or 'breaker', got 'nonsense'
+    ValueError: what must be 'incidents', 'breaker' or 'dlq', got 'nonsense'
     """
     if what not in WHAT:
-        raise ValueError(f"what must be 'incidents' or 'breaker', got {what!r}")
+        raise ValueError(f"what must be 'incidents', 'breaker' or 'dlq', got {what!r}")
     from aiokafka import AIOKafkaConsumer
 
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     idle = 2.0 if idle_timeout_s is None else idle_timeout_s
-    topic = settings.topic_incidents if what == "incidents" else settings.topic_breaker
+    topic = {"incidents": settings.topic_incidents, "breaker": settings.topic_breaker,
+             "dlq": settings.topic_dlq}[what]
     printer = Printer(what, out=out, err=err, color=use_color(out, color), as_json=as_json,
-                      filters=Filters(detector=detector, tenant=tenant, severity=severity, since_ns=since_ns))
+                      filters=Filters(detector=detector, tenant=tenant, severity=severity, since_ns=since_ns,
+                                      reason=reason))
     consumer = AIOKafkaConsumer(
         **settings.kafka_client_kwargs(),
         group_id=None,
@@ -485,12 +608,16 @@ async def tail(settings: Settings, what: str, *, follow: bool = False, as_json: 
             records = sorted(got, key=order)
             for r in records:
                 if printer.handle(r.value, timestamp_ms=r.timestamp, topic=r.topic, partition=r.partition,
-                                  offset=r.offset) and max_records is not None \
+                                  offset=r.offset, headers=r.headers, key=r.key) and max_records is not None \
                         and printer.stats.printed >= max_records:
                     out.flush()
                     return printer.stats
             if not follow:
                 out.flush()
+                if reason is not None and not printer.stats.printed and printer.reasons:
+                    seen = ", ".join(sorted(clean(r, 40) for r in printer.reasons))
+                    print(f"breakwater tail: no DLQ record with reason {clean(reason, 40)!r}; reasons present: {seen}",
+                          file=err)
                 return printer.stats
             if records:
                 out.flush()

@@ -1,4 +1,5 @@
-"""Real Apache Kafka for the test session: one KRaft node started by ``deploy/kafka.sh``.
+"""Real Apache Kafka for the test session: one KRaft node started by ``deploy/kafka.sh`` (and
+:class:`KafkaCluster`, three nodes, for the tests of faults only a cluster has).
 
 Same surface as :class:`streams.broker.EmbeddedBroker` where the tests use it (``bootstrap``,
 ``url``, ``port``, ``pid``, ``running``, ``start``/``stop``/``pause``/``resume``, ``log_tail``), so
@@ -71,7 +72,7 @@ def worker_env_for(broker) -> dict[str, str]:
     Kafka refuses a session timeout under its ``group.min.session.timeout.ms`` (6 s by default) with
     InvalidSessionTimeoutError, so on Kafka the worker keeps the product's defaults.
     """
-    if not isinstance(broker, KafkaBroker):
+    if not isinstance(broker, (KafkaBroker, KafkaCluster)):
         return {}
     fields = Settings.model_fields
     return {
@@ -220,3 +221,139 @@ class KafkaBroker:
     def __repr__(self) -> str:
         where = self.existing or (self._bootstrap or "?")
         return f"<KafkaBroker {where} pid={self._pid} {'existing' if self.existing else ''}>"
+
+
+class KafkaCluster:
+    """A cluster of ``n`` Apache Kafka nodes (KRaft, each broker+controller, replication factor
+    ``n``, 2 in sync) in a private run dir, started by ``deploy/kafka.sh start --nodes n``.
+
+    ``bootstrap`` lists every node; node ``i`` (1..n) has ``node.id=i``. One node can be killed
+    (SIGKILL by its pid), stopped and started again on its storage and ports; ``stop()`` stops them
+    all. The script's ``--watch-pid`` stops the nodes when the test process dies without cleaning up.
+    """
+
+    kind = "kafka"
+
+    def __init__(self, n: int = 3, *, heap: str = "256m", watch_pid: int | None = None) -> None:
+        self.n = n
+        self._heap = heap
+        self._watch_pid = os.getpid() if watch_pid is None else watch_pid
+        self._tmpdir: str | None = None
+        self._run: Path | None = None
+        self._bootstrap: str | None = None
+        self.startup_seconds: float | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        if self._bootstrap is None:
+            raise RuntimeError("cluster not started: no address yet")
+        return self._bootstrap
+
+    @property
+    def url(self) -> str:
+        return ",".join(f"kafka://{hp}" for hp in self.bootstrap.split(","))
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self._run
+
+    def node_dir(self, i: int) -> Path:
+        assert self._run is not None and 1 <= i <= self.n
+        return self._run / f"node{i}"
+
+    def node_bootstrap(self, i: int) -> str:
+        return self.bootstrap.split(",")[i - 1]
+
+    def node_pid(self, i: int) -> int | None:
+        """The pid of node ``i`` if it is running (checked against its command line), else None."""
+        try:
+            pid = int((self.node_dir(i) / "pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        argv = _proc_cmdline(pid) or []
+        ours = "kafka.Kafka" in argv and str(self.node_dir(i) / "server.properties") in argv
+        return pid if ours and _alive(pid) else None
+
+    def running_nodes(self) -> list[int]:
+        return [i for i in range(1, self.n + 1) if self.node_pid(i) is not None]
+
+    def log_tail(self, i: int, lines: int = 30) -> str:
+        path = self.node_dir(i) / "kafka.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+    def _script(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, BREAKWATER_KAFKA_HEAP=self._heap, BREAKWATER_KAFKA_HOME=str(KAFKA_HOME))
+        return subprocess.run(["bash", str(SCRIPT), *args, "--run-dir", str(self._run)], env=env,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def start(self, timeout: float = 180.0) -> str:
+        if self._run is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="breakwater-kafka-cluster-")
+            self._run = Path(self._tmpdir)
+        t0 = time.monotonic()
+        proc = self._script("start", "--nodes", str(self.n), "--timeout", str(int(timeout)),
+                            "--watch-pid", str(self._watch_pid), timeout=timeout + 120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"deploy/kafka.sh start --nodes {self.n} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        self._bootstrap = proc.stdout.strip().splitlines()[-1]
+        self.startup_seconds = time.monotonic() - t0
+        return self._bootstrap
+
+    def kill_node(self, i: int) -> int:
+        """SIGKILL node ``i`` by its pid (a crash: no controlled shutdown, no leadership handed over)."""
+        pid = self.node_pid(i)
+        if pid is None:
+            raise RuntimeError(f"node {i} is not running")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pid
+
+    def stop_node(self, i: int, timeout: float = 30.0) -> None:
+        """Stop node ``i`` (SIGTERM, a controlled shutdown; SIGKILL after ``timeout`` s)."""
+        self._script("stop", "--node", str(i), "--timeout", str(int(timeout)), timeout=timeout + 30)
+
+    def start_node(self, i: int, timeout: float = 120.0) -> None:
+        """Start node ``i`` again on its storage and ports; returns once it answers."""
+        proc = self._script("start", "--node", str(i), "--timeout", str(int(timeout)), timeout=timeout + 30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"deploy/kafka.sh start --node {i} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every node by its pid and remove the run dir. Idempotent."""
+        if self._run is not None and self._run.exists():
+            self._script("stop", "--timeout", str(int(timeout)), timeout=timeout + 60)
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+            self._run = None
+
+    def __enter__(self) -> KafkaCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<KafkaCluster {self._bootstrap or '?'} nodes={self.n}>"
+
+
+async def partition_leaders(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    """``{(topic, partition): leader node id}`` from fresh cluster metadata."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await c.start()
+    try:
+        c.subscribe(topics)  # metadata of these topics only
+        await c._client.force_metadata_update()  # noqa: SLF001
+        cluster = c._client.cluster  # noqa: SLF001
+        out: dict[tuple[str, int], int] = {}
+        for t in topics:
+            for p in sorted(cluster.partitions_for_topic(t) or ()):
+                out[(t, p)] = cluster.leader_for_partition(TopicPartition(t, p))
+        return out
+    finally:
+        await c.stop()

@@ -37,3 +37,22 @@ def span(
     end = int(t_s * S)
     return Span(trace, f"{next(_ids):016x}", None, tool or op or "span", "INTERNAL", end - S // 10, end, status,
                 "", a, {"service.name": "svc", "tenant.id": tenant})
+
+
+MIXED_START = 1_767_225_600 * S  # 2026-01-01T00:00:00Z
+
+
+def mixed_traffic(seed: int = 11, sessions: int = 160) -> list[Span]:
+    """Simulated healthy sessions with every detector's pattern injected among them, decoded as
+    ingest decodes them (event-time order)."""
+    import orjson
+
+    from streams.ingest import decode
+    from streams.replay import REPLAY_LIMITS
+    from streams.simulate import generate
+
+    flat = list(generate(seed, sessions, MIXED_START, loops=6,
+                         inject=("session_storm", "route_storm", "session_cost", "deadlock", "silent")))
+    d = decode(orjson.dumps(flat), limits=REPLAY_LIMITS)
+    assert not d.rejections
+    return d.spans

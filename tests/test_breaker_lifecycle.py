@@ -6,26 +6,28 @@ from __future__ import annotations
 import orjson
 
 from streams.policy import Policy
-from streams.stages import MemoryRunner, build_stages, group
+from streams.runner import MemoryStore
+from streams.stages import build_stages, group, runner_for
 from tests.spans import S, span
 
 
 def drive(spans, policy=None, wm_after=None):
-    stage = build_stages(policy or Policy())[0]
-    r = MemoryRunner(stage)
+    policy = policy or Policy()
+    stage = build_stages(policy)[0]
+    r = runner_for(stage, policy, MemoryStore())
     out = []
     for s in spans:
-        out += r.feed(group(stage, [s]), s.end_ns)
-        out += r.fire(s.end_ns)
+        out += r.feed(0, group(stage, [s]), s.end_ns)
+        out += r.fire(0, s.end_ns)
     if wm_after is not None:
-        out += r.fire(wm_after)
+        out += r.fire(0, wm_after)
     return r, [orjson.loads(o.value) for o in out if o.kind == "breaker"]
 
 
 def test_release_at_expiry_on_the_watermark():
     r, cmds = drive([span(i, tool="search") for i in range(3)])
     assert [c["action"] for c in cmds] == ["halt"]
-    assert r.states, "a session with an active command is not evicted"
+    assert len(r.store), "a session with an active command is not evicted"
     _, cmds = drive([span(i, tool="search") for i in range(3)], wm_after=2 * S + 900 * S - 1)
     assert [c["action"] for c in cmds] == ["halt"]  # one ns before expiry: still active
     _, cmds = drive([span(i, tool="search") for i in range(3)], wm_after=2 * S + 900 * S)
@@ -68,8 +70,10 @@ def test_manual_release_cli_publishes_on_the_compacted_topic(broker):
 
     topic = f"breaker-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "BREAKWATER_BROKER": broker.url, "BREAKWATER_TOPIC_BREAKER": topic}
+    # nothing is in force on a fresh topic: --force publishes regardless (tests/test_breaker_release.py)
     r = subprocess.run([sys.executable, "-m", "streams", "breaker", "release", "session:sess-9",
-                        "--reason", "false positive"], env=env, capture_output=True, timeout=60, check=False)
+                        "--reason", "false positive", "--force"], env=env, capture_output=True, timeout=60,
+                       check=False)
     assert r.returncode == 0, r.stderr.decode()
     recs = asyncio.run(collect(broker.bootstrap, topic, lambda rs: len(rs) >= 1, 20))
     assert recs[0].key == b"session:sess-9"

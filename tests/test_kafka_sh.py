@@ -49,3 +49,26 @@ def test_status_and_stop_of_a_run_dir_without_a_broker(tmp_path: Path) -> None:
 def test_unknown_command_prints_usage() -> None:
     r = sh("frobnicate")
     assert r.returncode == 2 and "start" in r.stderr and "--run-dir" in r.stderr
+
+
+def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    r = sh("start", "--nodes", "2", "--run-dir", str(tmp_path))
+    assert r.returncode == 1 and "3 nodes or more" in r.stderr
+    r = sh("start", "--nodes", "three", "--run-dir", str(tmp_path))
+    assert r.returncode == 2 and "a number" in r.stderr
+    r = sh("stop", "--node", "1", "--run-dir", str(tmp_path))  # not a cluster's run dir
+    assert r.returncode == 1 and "no node 1" in r.stderr
+    r = sh("start", "--node", "1", "--run-dir", str(tmp_path))
+    assert r.returncode == 1 and "no node 1" in r.stderr
+
+
+def test_status_of_a_cluster_names_the_nodes_that_are_down(tmp_path: Path) -> None:
+    (tmp_path / "nodes").write_text("3\n")
+    (tmp_path / "bootstrap").write_text("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3\n")
+    for i in (1, 2, 3):
+        (tmp_path / f"node{i}").mkdir()
+        (tmp_path / f"node{i}" / "server.properties").write_text(f"advertised.listeners=PLAINTEXT://127.0.0.1:{i}\n")
+    r = sh("status", "--run-dir", str(tmp_path))
+    assert r.returncode == 1 and all(f"node {i}: not running" in r.stderr for i in (1, 2, 3))
+    r = sh("stop", "--run-dir", str(tmp_path))
+    assert r.returncode == 0 and "stopped 0 of 3 nodes" in r.stderr

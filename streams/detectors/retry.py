@@ -361,6 +361,7 @@ def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, 
         implicit = set(implicit)
     racc: dict[str, dict[int, dict[str, Any]]] = {}
     sacc: dict[str, dict[int, dict[str, Any]]] = {}
+    sev: dict[str, list[list[Any]]] = {}  # session -> its retries, one entry each (never forwarded)
     call_route_of = semconv.call_route_of
     features = semconv.features
     for span in spans:
@@ -399,6 +400,10 @@ def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, 
         session = f.session
         tenant = f.tenant
         entry = [t, span.span_id, span.trace_id]
+        ev = sev.get(session)
+        if ev is None:
+            ev = sev[session] = []
+        ev.append([t, r, imp, span.span_id, span.trace_id, route])
         per = sacc.get(session)
         if per is None:
             per = sacc[session] = {}
@@ -429,7 +434,14 @@ def aggregate(spans: Iterable[Span], implicit: Iterable[str] = ()) -> dict[str, 
         for t, b in v.items():
             buckets[str(t)] = _tidy(b, SESSION_SCHEMA)
         sessions[k] = {"kind": "session", "key": k, "buckets": buckets}
+        ev = sev[k]
+        ev.sort(key=_EVENT_ORDER)  # event-time order (then span id: one order however batched)
+        sessions[k]["events"] = ev
     return {"routes": routes, "sessions": sessions}
+
+
+def _EVENT_ORDER(e: list[Any]) -> tuple[int, str]:
+    return e[0], e[3]
 
 
 def _add_retry(b: dict[str, Any], r: int, imp: int, t: int, entry: list[Any]) -> None:
@@ -478,14 +490,23 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     True
     """
     if "key" in a:
-        return _SCHEMAS[a["kind"]].merge_keyed(a, b)
+        return _merge_events(_SCHEMAS[a["kind"]].merge_keyed(a, b), a, b)
     out: dict[str, Any] = {}
     for part, kind in (("routes", "route"), ("sessions", "session")):
         sch = _SCHEMAS[kind]
         pa, pb = a.get(part, {}), b.get(part, {})
-        out[part] = {k: sch.merge_keyed(pa.get(k) or {"kind": kind, "key": k, "buckets": {}},
-                                        pb.get(k) or {"kind": kind, "key": k, "buckets": {}})
-                     for k in (*pa, *(k for k in pb if k not in pa))}
+        out[part] = {}
+        for k in (*pa, *(k for k in pb if k not in pa)):
+            x = pa.get(k) or {"kind": kind, "key": k, "buckets": {}}
+            y = pb.get(k) or {"kind": kind, "key": k, "buckets": {}}
+            out[part][k] = _merge_events(sch.merge_keyed(x, y), x, y)
+    return out
+
+
+def _merge_events(out: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """A session aggregate's retries (``events``): both lists, in event-time order."""
+    if "events" in a or "events" in b:
+        out["events"] = sorted((a.get("events") or []) + (b.get("events") or []), key=_EVENT_ORDER)
     return out
 
 
@@ -508,6 +529,7 @@ class StormState:
     win: dict[str, Any] = field(default_factory=dict)
     late: int = 0
     episode: dict[str, Any] | None = None
+    ring: list[list[Any]] = field(default_factory=list)  # sessions: the latest retries, see SessionRetryStorm
 
 
 class _StormCore:
@@ -543,6 +565,7 @@ class _StormCore:
             "win": state.win,
             "late": state.late,
             "episode": state.episode,
+            **({"ring": state.ring} if state.ring else {}),
         }
 
     def load(self, data: dict[str, Any]) -> StormState:
@@ -555,6 +578,7 @@ class _StormCore:
             win=data.get("win") or {},
             late=int(data.get("late", 0)),
             episode=data.get("episode"),
+            ring=[list(e) for e in data.get("ring") or ()],
         )
 
     def expired(self, state: StormState, watermark_ns: int) -> bool:
@@ -806,6 +830,117 @@ class SessionRetryStorm(_StormCore):
 
     def _bucket_s(self) -> float:
         return self.p.session_bucket_s
+
+    # -- firing at the crossing
+    def step(self, state: StormState, agg: dict[str, Any], now_ns: int) -> tuple[StormState, list[Finding]]:
+        """Merge one keyed aggregate; open at the retry that crosses the threshold; then advance.
+
+        A session storm opens at the retry whose window ``(t − window_s, t]`` first holds
+        ``session_min_retries`` retries — at that span, not when the watermark closes its bucket
+        (retries in a window only grow as data arrives: a threshold crossed is crossed). The state
+        keeps the latest ``session_min_retries`` retries of the last window (``ring``: at most that
+        many short entries, for sessions that retry at all), so the check is O(1) per retry and
+        its result depends on event times only. Window closes still report growth, renewals and
+        the end of the episode."""
+        self._slide.absorb_keyed(state, agg)
+        events = agg.get("events")
+        crossed = self._cross(state, events) if events else None
+        state, found = self.advance(state, now_ns)
+        if crossed is not None:
+            found.insert(0, crossed)
+        return state, found
+
+    def _cross(self, st: StormState, events: list[list[Any]]) -> Finding | None:
+        ring = st.ring
+        k = self.p.session_min_retries
+        w_ns = self._w * S
+        out = None
+        for e in events:
+            t = e[0]
+            if ring and t < ring[-1][0]:  # late: keep the ring in event-time order
+                i = len(ring)
+                while i and ring[i - 1][0] > t:
+                    i -= 1
+                ring.insert(i, e)
+            else:
+                ring.append(e)
+            lo = ring[-1][0] - w_ns
+            drop = 0
+            while drop < len(ring) and ring[drop][0] <= lo:
+                drop += 1
+            if len(ring) - drop > k:
+                drop = len(ring) - k
+            if drop:
+                del ring[:drop]
+            if st.episode is not None or out is not None:
+                continue
+            total = 0
+            for x in ring:
+                if t - w_ns < x[0] <= t:
+                    total += x[1]
+            if total >= k:
+                out = self._open_at(st, t, total)
+        return out
+
+    def _open_at(self, st: StormState, t_ns: int, total: int) -> Finding:
+        """Open the episode at the crossing retry (end time ``t_ns``), with the ring as evidence."""
+        w_ns = self._w * S
+        inside = [x for x in st.ring if t_ns - w_ns < x[0] <= t_ns]
+        T = t_ns // self._u
+        st.episode = {
+            "open_T": T,
+            "first_ns": inside[0][0],
+            "last_ns": t_ns,
+            "reported": total,
+            "quiet_T": T + self._slide.w,
+            "renew_T": T + self._renew_every if self.p.renew else None,
+            "renewals": 0,
+            "tenant": self._command_tenant(st),
+            "peak": total,
+        }
+        routes: dict[str, int] = {}
+        for x in inside:
+            if x[5] is not None:
+                routes[x[5]] = routes.get(x[5], 0) + x[1]
+        latest = sorted(inside, key=lambda x: (-x[0], x[3]))[:SAMPLE]
+        ev = {
+            "rule": self.scope,
+            "window_s": self._w,
+            "window_end": t_ns,
+            "retries": total,
+            "implicit_retries": sum(x[2] for x in inside),
+            "span_ids": [x[3] for x in latest],
+            "late_buckets": st.late,
+            "routes": _top(routes, 5),
+            "rate_limit_per_s": self.p.rate_limit_floor_per_s,
+            "renew": False,
+            "renewals": 0,
+            "release": False,
+            "peak_retries": total,
+            "crossed": True,
+        }
+        session = st.key or ""
+        return Finding(
+            detector=NAME,
+            status="open",
+            severity=self.severity,
+            scope_kind="session",
+            scope_key=session,
+            episode=str(T * self._bs),
+            tenant=st.tenant,
+            session_id=session,
+            workflow_id=None,
+            trace_ids=sorted({x[4] for x in latest}),
+            first_seen_ns=inside[0][0],
+            last_seen_ns=t_ns,
+            detected_at_ns=t_ns,
+            summary=f"Session {session} retried {total} times in {self._w} s.",
+            evidence=ev,
+            action="throttle",
+            command_scope_kind="session",
+            command_scope_key=session,
+            reason="retry_storm:session",
+        )
 
     def _hot(self, win: dict[str, Any]) -> bool:
         return win.get("retries", 0) >= self.p.session_min_retries

@@ -342,36 +342,52 @@ def iter_documents(fp: typing.BinaryIO) -> Iterator[bytes]:
     >>> list(iter_documents(io.BytesIO(b'[\\n  {"a": 1},\\n  {"b": 2}\\n]\\n')))
     [b'[\\n  {"a": 1},\\n  {"b": 2}\\n]']
     """
+    for _, doc in iter_numbered(fp):
+        yield doc
+
+
+def iter_numbered(fp: typing.BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """:func:`iter_documents` with the (1-based) line number each document starts on.
+
+    >>> import io
+    >>> list(iter_numbered(io.BytesIO(b'{"a": 1}\\n\\n[2]\\n')))
+    [(1, b'{"a": 1}'), (3, b'[2]')]
+    """
     it = iter(fp)
+    n = 0
     for line in it:
+        n += 1
         s = line.strip()
         if not s:
             continue
         if (s[0] == 0x7B or s[0] == 0x5B) and not _is_json(s):
             # Pretty-printed JSON, or JSON lines whose first line is broken?  Peek at the next
             # non-blank line: a JSON object/array on its own means JSON lines (keep streaming).
+            first = n
             rest = [line]
             for nxt in it:
+                n += 1
                 rest.append(nxt)
                 t = nxt.strip()
                 if t:
                     if (t[0] == 0x7B or t[0] == 0x5B) and _is_json(t):
-                        yield s
-                        yield t
+                        yield first, s
+                        yield n, t
                         break
                     whole = b"".join(rest) + fp.read()
-                    yield from _whole(whole.strip())
+                    yield from _whole(whole.strip(), first)
                     return
             else:
-                yield s
+                yield first, s
                 return
         else:
-            yield s
+            yield n, s
         break
     for line in it:
+        n += 1
         s = line.strip()
         if s:
-            yield s
+            yield n, s
 
 
 def _is_json(s: bytes) -> bool:
@@ -382,12 +398,12 @@ def _is_json(s: bytes) -> bool:
     return True
 
 
-def _whole(doc: bytes) -> Iterator[bytes]:
+def _whole(doc: bytes, first: int) -> Iterator[tuple[int, bytes]]:
     """One pretty-printed document; if it is not JSON after all, its lines one by one."""
     if _is_json(doc):
-        yield doc
+        yield first, doc
         return
-    for part in doc.split(b"\n"):
+    for i, part in enumerate(doc.split(b"\n")):
         part = part.strip()
         if part:
-            yield part
+            yield first + i, part

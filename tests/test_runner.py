@@ -1,0 +1,160 @@
+"""The one keyed runner (streams.runner), over both stores: the replay store (live objects in a
+dict) and the live worker's store (streams.app.TableStore: a table of bytes behind a write-behind
+cache). The same mixed traffic — every detector's pattern among healthy sessions — must give the
+same records over both stores and for any batch size; timers, the sweep, the key cap and a rebuild
+after a rebalance behave alike."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from streams.app import TableStore
+from streams.pipeline import Output
+from streams.policy import Policy
+from streams.runner import EventClock, KeyedRunner, MemoryStore
+from streams.stages import build_stages, group, merge_forwards, runner_for
+from tests.spans import S, mixed_traffic, span
+
+STORES = ["memory", "table"]
+
+
+def make_store(kind: str, stage):
+    return MemoryStore() if kind == "memory" else TableStore(stage, {})
+
+
+class Pipeline:
+    """Every stage through its runner: what replay and the live worker both do per batch."""
+
+    def __init__(self, kind: str, policy: Policy | None = None, key=lambda k: k) -> None:
+        self.policy = policy or Policy()
+        self.stages = build_stages(self.policy)
+        self.runners = [runner_for(st, self.policy, make_store(kind, st)) for st in self.stages]
+        self.clock = EventClock(self.policy.allowed_lateness_ns)
+        self.key = key  # the live store keys by bytes, replay by str
+
+    def settle(self) -> None:
+        for r in self.runners:
+            if isinstance(r.store, TableStore):
+                r.store.settle()
+
+    def feed(self, spans: list) -> list[Output]:
+        wm = self.clock.observe(0, max(s.end_ns for s in spans))
+        out: list[Output] = []
+        for r in self.runners[:-1]:
+            out += r.feed(0, {self.key(k): v for k, v in group(r.stage, spans).items()}, wm)
+        fwd = merge_forwards(out)
+        out = [o for o in out if o.kind != "forward"]
+        out += self.runners[-1].feed(0, {self.key(k): v for k, v in fwd.items()}, wm)
+        for r in self.runners:
+            out += [o for o in r.fire(0, wm) if o.kind != "forward"]
+        self.settle()
+        return out
+
+    def finish(self) -> list[Output]:
+        out = [o for r in self.runners for o in r.finish()]
+        self.settle()
+        return out
+
+
+def records(kind: str, spans: list, batch: int) -> list[bytes]:
+    p = Pipeline(kind, key=(lambda k: k.encode()) if kind == "table" else (lambda k: k))
+    out: list[Output] = []
+    for i in range(0, len(spans), batch):
+        out += p.feed(spans[i:i + batch])
+    out += p.finish()
+    return sorted(o.value for o in out)
+
+
+@pytest.fixture(scope="module")
+def spans() -> list:
+    return mixed_traffic()
+
+
+@pytest.fixture(scope="module")
+def reference(spans) -> list[bytes]:
+    out = records("memory", spans, 50)
+    assert len(out) > 20  # every pattern opened something
+    return out
+
+
+@pytest.mark.parametrize("kind", STORES)
+@pytest.mark.parametrize("batch", [1, 7, 400])
+def test_same_records_over_both_stores_for_any_batch_size(spans, reference, kind, batch):
+    assert records(kind, spans, batch) == reference
+
+
+def test_every_detector_is_exercised(reference):
+    detectors = {orjson.loads(v).get("detector") for v in reference}
+    assert {"no_progress_loop", "retry_storm", "cost_velocity", "plan_deadlock", "silent_success"} <= detectors
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_timer_fires_once_and_the_sweep_drops_expired_keys(kind):
+    policy = Policy()
+    stage = build_stages(policy)[0]
+    r = runner_for(stage, policy, make_store(kind, stage))
+    key = b"s1" if kind == "table" else "s1"
+    outs = r.feed(0, {key: [span(i, tool="search") for i in range(3)]}, 2 * S)
+    assert [o.kind for o in outs if o.kind != "forward"] == ["incident", "breaker"]
+    d = r.due[key]  # the halt's expiry
+    assert r.fire(0, d - 1) == []
+    released = [o for o in r.fire(0, d) if o.kind == "breaker"]
+    assert [orjson.loads(o.value)["action"] for o in released] == ["release"]
+    assert [o for o in r.fire(0, d) if o.kind == "breaker"] == []  # never twice
+    # idle past the session TTL: the sweep drops the key and counts it
+    r.fire(0, d + r.idle_ns + 60 * S)
+    assert r.tracked() == 0 and len(r.store) == 0 and r.evicted == 1
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_key_cap_evicts_least_recent_first(kind):
+    policy = Policy()
+    stage = build_stages(policy)[0]
+    r = runner_for(stage, policy, make_store(kind, stage), max_keys=3)
+    for i in range(5):
+        key = f"s{i}".encode() if kind == "table" else f"s{i}"
+        r.feed(0, {key: [span(i, session=f"s{i}", tool="search", args=str(i))]}, i * S)
+        r.fire(0, i * S)
+    assert list(r.index[0]) == ([b"s2", b"s3", b"s4"] if kind == "table" else ["s2", "s3", "s4"])
+    assert r.evicted == 2 and len(r.store) == 3
+
+
+def test_table_store_writes_an_emitting_state_only_after_delivery():
+    policy = Policy()
+    stage = build_stages(policy)[0]
+    table: dict = {}
+    store = TableStore(stage, table)
+    r = KeyedRunner(stage, store, idle_ns=1800 * S)
+    outs = r.feed(0, {b"s1": [span(i, tool="search") for i in range(3)]}, 2 * S)
+    assert any(o.kind == "incident" for o in outs)
+    assert b"s1" not in table and b"s1" in store.held  # the records are not delivered yet
+    assert store.settle() == 1 and b"s1" in table
+    r.feed(0, {b"s2": [span(1, session="s2", tool="ls")]}, 3 * S)
+    assert b"s2" not in table and store.dirty[0] == {b"s2": None}  # written behind, at a flush
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_rebuild_restores_index_and_timers(kind):
+    policy = Policy()
+    stage = build_stages(policy)[0]
+    store = make_store(kind, stage)
+    r = runner_for(stage, policy, store)
+    key = b"s1" if kind == "table" else "s1"
+    r.feed(0, {key: [span(i, tool="search") for i in range(3)]}, 2 * S)
+    if kind == "table":
+        store.settle()
+    due = dict(r.due)
+    r2 = runner_for(stage, policy, store)
+    r2.rebuild(store.items(), lambda k: 0)
+    assert r2.due == due and list(r2.index[0]) == [key]
+
+
+def test_event_clock_runs_on_wall_time_only_while_quiet():
+    now = [1_000]
+    c = EventClock(lateness_ns=5, wall=lambda: now[0])
+    assert c.observe(0, 100) == 95
+    now[0] = 1_050
+    assert c.observe(0, 0, ticked=True) == 145  # a tick: event time moved with the wall clock
+    assert c.observe(0, 120) == 145  # older data does not move it back
+    assert c.observe(1, 0) == -5  # partitions are independent
