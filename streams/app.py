@@ -161,6 +161,8 @@ def create_app(settings: Settings, policy: Policy) -> Breakwater:
         recovery_consistency_check=settings.recovery_consistency_check,
         processing_guarantee=settings.processing_guarantee,
         web_enabled=False,
+        # a bounded prefetch: overload shows as consumer lag (a metric), not as seconds of queue
+        stream_buffer_maxsize=settings.stream_buffer_max,
         producer_acks=-1,
         producer_linger=0.005,
         logging_config=None,
@@ -425,6 +427,9 @@ def pack_keyed(head: bytes, items: Iterable[tuple[str, list]], budget: int = PAC
         yield head + b"{" + b",".join(parts) + b"}}"
 
 
+DIRTY_MAX = 512  # changed states a partition may hold between commits; beyond, written behind per batch
+
+
 class TableStore:
     """The live :class:`streams.runner.Store`: a faust table (RocksDB + changelog) behind a
     write-behind cache.
@@ -451,7 +456,8 @@ class TableStore:
         self.part = 0  # the partition being processed (its keys' writes are routed to it)
         self.cache: dict[bytes, Any] = {}
         self.hw: dict[bytes, dict[str, int]] = {}  # key -> {input "topic/partition": highest offset}
-        self.dirty: dict[int, dict[bytes, None]] = {}  # partition -> changed keys, in order
+        self.dirty: dict[int, dict[bytes, int]] = {}  # partition -> changed keys (least recent first) -> batch
+        self.batch = 0  # batch counter: a key changed in this batch is not drained yet
         self.ctx: dict[int, Any] = {}  # partition -> an event of it: routes table writes at a flush
         self.held: dict[bytes, None] = {}  # written at settle (their records are being delivered)
         self.dropped: dict[bytes, None] = {}  # deleted at settle
@@ -491,7 +497,9 @@ class TableStore:
             d = self.dirty.get(self.part)
             if d is None:
                 d = self.dirty[self.part] = {}
-            d[key] = None
+            elif key in d:
+                del d[key]  # to the back: least recently changed first
+            d[key] = self.batch
 
     def drop(self, key: bytes) -> None:
         self.cache.pop(key, None)
@@ -552,6 +560,30 @@ class TableStore:
         log.warning("%s: state of key #%s is %d bytes (max_state_bytes %d): reset", self.stage.name,
                     hashlib.sha256(key).hexdigest()[:12], size, self.max_state_bytes)
         return new
+
+    def drain(self, part: int, keep: int) -> int:
+        """Write behind in bounded chunks: while the partition holds more than ``keep`` changed
+        states, write the least recently changed ones that no step of the current batch touched,
+        so the commit's :meth:`flush` never has more than about ``keep`` per partition to write
+        (no stop-the-world flush of thousands of states), while a key changed again and again
+        between two commits is still written once. Called in the partition's event context;
+        returns the writes."""
+        d = self.dirty.get(part)
+        if not d or len(d) <= keep:
+            return 0
+        now, cache, held, table, encode = self.batch, self.cache, self.held, self.table, self.encode
+        budget = len(d) - keep
+        done: list[bytes] = []
+        for key, gen in d.items():
+            if gen >= now or len(done) >= budget:
+                break
+            done.append(key)
+        for key in done:
+            del d[key]
+            st = cache.get(key)
+            if st is not None and key not in held:
+                table[key] = encode(key, st)
+        return len(done)
 
     def flush(self) -> int:
         """Write every changed state to the table (and so to its changelog); returns the writes."""
@@ -666,6 +698,7 @@ class KeyedStage:
         t0 = time.perf_counter()
         if self.needs_scan:
             self.scan()
+        self.store.batch += 1
         by_part: dict[int, list] = {}
         for ev in events:
             by_part.setdefault(ev.message.partition, []).append(ev)
@@ -775,7 +808,7 @@ class KeyedStage:
         outs.extend(runner.fire(part, wm))
         for f in (await self.publish(outs) or []) if outs else []:
             await f  # delivered, then the states that emitted them are written
-        writes = self.store.settle()
+        writes = self.store.settle() + self.store.drain(part, DIRTY_MAX)
         if writes:
             metrics.STATE_WRITES.labels(stage=stage.name).inc(writes)
         if runner.new_keys != new0:

@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import hashlib
+from array import array
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,9 +209,9 @@ class SessionState:
     loop: Any = None
     ledger: Ledger = field(default_factory=Ledger)  # the breaker commands this session has in force
     implicit: Any = None  # implicit-retry tracker
-    retry: Any = None  # session retry storm
+    retry: Any = None  # session retry storm (None until the session's first retry)
     cost: Any = None  # session cost velocity
-    seen: list[int] = field(default_factory=list)  # the last SEEN_IDS span ids applied (60-bit ints)
+    seen: array = field(default_factory=lambda: array("q"))  # the last SEEN_IDS span ids applied (60-bit ints)
 
 
 SEEN_IDS = 64
@@ -257,7 +258,7 @@ class SessionPipeline:
 
     def new_state(self) -> SessionState:
         return SessionState(loop=self._default_loop.new_state(), implicit=self.tracker.new_state(),
-                            retry=self.session_retry.new_state(), cost=self.session_cost.new_state())
+                            cost=self.session_cost.new_state())
 
     def dedup(self, state: SessionState, spans: list[Span]) -> list[Span]:
         """Drop spans whose id the session applied already (within its last :data:`SEEN_IDS`)."""
@@ -300,6 +301,8 @@ class SessionPipeline:
             state.implicit, implicit = self.tracker.mark(state.implicit, spans)
             ra = retry.aggregate(spans, implicit)
             for agg in ra["sessions"].values():
+                if state.retry is None:
+                    state.retry = self.session_retry.new_state()
                 state.retry, fs = self.session_retry.step(state.retry, agg, watermark_ns)
                 findings.extend(fs)
             for route, agg in ra["routes"].items():
@@ -317,7 +320,7 @@ class SessionPipeline:
     def advance(self, state: SessionState, watermark_ns: int) -> tuple[SessionState, list[Output]]:
         """Fire timers the watermark has passed: window closes, releases of expired commands."""
         findings: list[Finding] = []
-        if self.session_retry.next_deadline(state.retry) is not None:
+        if state.retry is not None and self.session_retry.next_deadline(state.retry) is not None:
             state.retry, fs = self.session_retry.advance(state.retry, watermark_ns)
             findings.extend(fs)
         if self.session_cost.next_deadline(state.cost) is not None:
@@ -327,14 +330,15 @@ class SessionPipeline:
 
     def next_deadline(self, state: SessionState) -> int | None:
         """Event time at which :meth:`advance` has work for this session, if any."""
-        return earliest(self.session_retry.next_deadline(state.retry), self.session_cost.next_deadline(state.cost),
+        return earliest(None if state.retry is None else self.session_retry.next_deadline(state.retry),
+                        self.session_cost.next_deadline(state.cost),
                         state.ledger.deadline())
 
     def expired(self, state: SessionState, watermark_ns: int) -> bool:
         if state.ledger:
             return False
         return (self._loop(state.loop.tenant).expired(state.loop, watermark_ns)
-                and self.session_retry.expired(state.retry, watermark_ns)
+                and (state.retry is None or self.session_retry.expired(state.retry, watermark_ns))
                 and self.session_cost.expired(state.cost, watermark_ns)
                 and self.tracker.expired(state.implicit, watermark_ns))
 
@@ -343,8 +347,9 @@ class SessionPipeline:
         return orjson.dumps(
             {"v": STATE_VERSION, "last_seen_ns": state.last_seen_ns,
              "loop": self._default_loop.dump(state.loop), "extra": {"breakers": state.ledger.dump()},
-             "implicit": self.tracker.dump(state.implicit), "retry": self.session_retry.dump(state.retry),
-             "cost": self.session_cost.dump(state.cost), "seen": state.seen}
+             "implicit": self.tracker.dump(state.implicit),
+             "retry": None if state.retry is None else self.session_retry.dump(state.retry),
+             "cost": self.session_cost.dump(state.cost), "seen": state.seen.tolist()}
         )
 
     def load(self, data: bytes) -> SessionState:
@@ -353,5 +358,6 @@ class SessionPipeline:
             return self.new_state()
         return SessionState(d["last_seen_ns"], self._default_loop.load(d["loop"]),
                             Ledger.load((d.get("extra") or {}).get("breakers")),
-                            self.tracker.load(d["implicit"]), self.session_retry.load(d["retry"]),
-                            self.session_cost.load(d["cost"]), list(d.get("seen") or ()))
+                            self.tracker.load(d["implicit"]),
+                            None if d.get("retry") is None else self.session_retry.load(d["retry"]),
+                            self.session_cost.load(d["cost"]), array("q", d.get("seen") or ()))

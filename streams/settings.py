@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     policy_file: Path | None = Field(None, description="Policy TOML (defaults apply when unset).")
     batch_max: int = Field(2000, ge=1, description="Max Kafka messages per processing batch.")
     batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a processing batch (s).")
+    stream_buffer_max: int = Field(
+        256, ge=16,
+        description="Messages a worker prefetches per stream before it pauses fetching: a small buffer keeps "
+        "latency low under overload, which then shows as consumer lag.")
     commit_interval_s: float = Field(1.0, gt=0, description="Offset commit interval (s).")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",

@@ -109,3 +109,38 @@ def test_bad_lines_are_counted_not_fatal(files):
 def test_missing_file_is_a_clear_error(tmp_path):
     r = replay(str(tmp_path / "nope.jsonl"))
     assert r.returncode == 2 and b"nope.jsonl" in r.stderr
+
+
+def test_rejected_lines_are_named_by_file_and_line(files, tmp_path):
+    good = files["jsonl"].read_bytes().splitlines()
+    bad = tmp_path / "noisy.jsonl"
+    bad.write_bytes(b"\n".join(good[:2] + [b"", b"{not json"] + good[2:4] + [b'{"trace_id": 1}']) + b"\n")
+    r = replay(str(files["jsonl"]), str(bad))
+    assert r.returncode == 0
+    assert f"rejected at {bad}:4 (bad_json), {bad}:7 (".encode() in r.stderr, r.stderr
+
+
+def test_batch_size_changes_only_the_order_within_a_batch(files):
+    whole = replay(str(files["otlp"]))
+    one = replay("--batch", "1", str(files["otlp"]))
+    assert whole.returncode == one.returncode == 0
+    assert sorted(whole.stdout.splitlines()) == sorted(one.stdout.splitlines())
+    assert replay("--batch", "0", str(files["otlp"])).returncode == 2
+
+
+def test_progress_goes_to_stderr_and_never_changes_the_output(files):
+    import io
+
+    from streams.replay import progress_line, run
+
+    seen = []
+    out_a, out_b = io.BytesIO(), io.BytesIO()
+    with open(files["jsonl"], "rb") as fp:
+        run([fp], out_a, progress=seen.append, progress_every_s=0)
+    with open(files["jsonl"], "rb") as fp:
+        stats = run([fp], out_b)
+    assert out_a.getvalue() == out_b.getvalue()
+    err = io.BytesIO()
+    progress_line(stats, 0.0, err)
+    assert err.getvalue().startswith(b"replay: \xe2\x80\xa6 ") and b"spans/s" in err.getvalue()
+    assert len(seen) == stats.documents // 256

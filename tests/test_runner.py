@@ -131,7 +131,7 @@ def test_table_store_writes_an_emitting_state_only_after_delivery():
     assert b"s1" not in table and b"s1" in store.held  # the records are not delivered yet
     assert store.settle() == 1 and b"s1" in table
     r.feed(0, {b"s2": [span(1, session="s2", tool="ls")]}, 3 * S)
-    assert b"s2" not in table and store.dirty[0] == {b"s2": None}  # written behind, at a flush
+    assert b"s2" not in table and list(store.dirty[0]) == [b"s2"]  # written behind, at a flush
 
 
 @pytest.mark.parametrize("kind", STORES)
@@ -158,3 +158,19 @@ def test_event_clock_runs_on_wall_time_only_while_quiet():
     assert c.observe(0, 0, ticked=True) == 145  # a tick: event time moved with the wall clock
     assert c.observe(0, 120) == 145  # older data does not move it back
     assert c.observe(1, 0) == -5  # partitions are independent
+
+
+def test_table_store_drains_least_recent_states_beyond_its_bound():
+    policy = Policy()
+    stage = build_stages(policy)[0]
+    table: dict = {}
+    store = TableStore(stage, table)
+    r = KeyedRunner(stage, store, idle_ns=1800 * S)
+    for i in range(6):
+        store.batch += 1
+        r.feed(0, {f"s{i}".encode(): [span(i, session=f"s{i}", tool="ls", args=str(i))]}, i * S)
+    store.batch += 1
+    r.feed(0, {b"s0": [span(7, session="s0", tool="ls", args="x")]}, 7 * S)  # s0 changed again, now
+    assert store.drain(0, keep=2) == 4  # s1..s4: the least recently changed, never s0 (this batch)
+    assert sorted(table) == [b"s1", b"s2", b"s3", b"s4"] and list(store.dirty[0]) == [b"s5", b"s0"]
+    assert store.drain(0, keep=2) == 0
