@@ -640,6 +640,7 @@ class KeyedStage:
         self.forward_to: KeyedStage | None = None  # the route / tenant stage, for the session stage
         self._forwards: dict[str, list] = {}
         self._forward_hi = 0
+        self._resets = 0
 
     @property
     def table(self) -> Any:
@@ -674,7 +675,9 @@ class KeyedStage:
         """After a (re)assignment: learn every stored key, its last event time and its timer."""
         self.store.reset()
         n = self.n_parts
+        resets = self.stage.resets  # a reset is counted when the key's state is loaded for use
         self.runner.rebuild(self.store.items(), lambda k: partition_for(k, n))
+        self.stage.resets = resets
         self.report_keys()
         self.needs_scan = False
 
@@ -797,6 +800,7 @@ class KeyedStage:
         wm = self.clock.observe(part, hi, ticked)
         new0, ev0 = runner.new_keys, runner.evicted
         resent0 = getattr(stage, "duplicates", 0)
+        unpriced0 = getattr(stage, "unpriced", 0)
         bad0 = sum(BAD_VALUES.values())
         self.store.part = part
         outs = runner.feed(part, groups, wm)
@@ -818,6 +822,12 @@ class KeyedStage:
         resent = getattr(stage, "duplicates", 0) - resent0
         if resent:
             metrics.RESENT_SPANS.labels(stage=stage.name).inc(resent)
+        unpriced = getattr(stage, "unpriced", 0) - unpriced0
+        if unpriced:
+            metrics.UNPRICED_SPANS.inc(unpriced)
+        if stage.resets != self._resets:
+            metrics.STATE_RESETS.labels(stage=stage.name).inc(stage.resets - self._resets)
+            self._resets = stage.resets
         if sum(BAD_VALUES.values()) != bad0:
             _export_bad_values()
 

@@ -124,6 +124,12 @@ OVERSIZED_STATES = Counter(
     "kept) instead of written, by stage.",
     ["stage"], registry=REGISTRY,
 )
+STATE_RESETS = Counter(
+    "breakwater_state_resets",
+    "Stored per-key states of another state version, discarded on load (that key starts over), by "
+    "stage. Expected once after a version bump, never in a steady state.",
+    ["stage"], registry=REGISTRY,
+)
 EMPTY_MESSAGES = Counter(
     "breakwater_empty_messages",
     "Input messages that carried no span and nothing to reject: empty values, tombstones, empty "
@@ -185,6 +191,7 @@ def _init_series() -> None:
         STATE_WRITES.labels(stage=stage)
         DUPLICATE_SPANS.labels(stage=stage)
         OVERSIZED_STATES.labels(stage=stage)
+        STATE_RESETS.labels(stage=stage)
         NEW_KEYS.labels(stage=stage)
     RESENT_SPANS.labels(stage="session")
     for feature in ("cost", "input_tokens", "output_tokens", "cached_tokens", "retry_ordinal"):

@@ -242,6 +242,8 @@ class SessionPipeline:
         self.session_cost = cost.SessionCostVelocity(policy.section("cost_velocity", None).params())
         self.prices = policy.price_table()
         self.duplicates = 0  # spans skipped as already applied (a counter for replay and metrics)
+        self.resets = 0  # stored states of another version, discarded on load
+        self.unpriced = 0  # model calls that could not be priced (a counter for replay and metrics)
         self.tap: Any = None  # tests: called with every batch of findings
         self.retry_on = policy.mode("retry_storm", None) != "off" or any(
             policy.mode("retry_storm", t) != "off" for t in policy.spec.tenants)
@@ -310,6 +312,8 @@ class SessionPipeline:
         if self.cost_on:
             ca = cost.aggregate(spans, self.prices)
             for agg in ca["sessions"].values():
+                for b in agg["buckets"].values():
+                    self.unpriced += b.get("unpriced", 0)
                 state.cost, fs = self.session_cost.step(state.cost, agg, watermark_ns)
                 findings.extend(fs)
             for tenant, agg in ca["tenants"].items():
@@ -355,6 +359,7 @@ class SessionPipeline:
     def load(self, data: bytes) -> SessionState:
         d = orjson.loads(data)
         if d.get("v") != STATE_VERSION:
+            self.resets += 1
             return self.new_state()
         return SessionState(d["last_seen_ns"], self._default_loop.load(d["loop"]),
                             Ledger.load((d.get("extra") or {}).get("breakers")),

@@ -65,6 +65,7 @@ class ReplayStats:
     commands: int = 0
     evicted: int = 0
     duplicates: int = 0
+    unpriced: int = 0  # model calls that could not be priced (their cost is never guessed)
     rejected: Counter[str] = field(default_factory=Counter)
     bad_values: Counter[str] = field(default_factory=Counter)
     examples: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line, reason), the first few
@@ -140,6 +141,7 @@ class Replayer:
         outputs.sort(key=Output.order)
         self.stats.evicted = sum(r.evicted for r in self.runners)
         self.stats.duplicates = self.pipe.duplicates
+        self.stats.unpriced = self.pipe.unpriced
         return outputs
 
 
@@ -214,6 +216,8 @@ def report(stats: ReplayStats, err: BinaryIO | None = None) -> None:
     extra = ""
     if stats.duplicates:
         extra += f", {stats.duplicates} duplicate spans skipped"
+    if stats.unpriced:
+        extra += f", {stats.unpriced} model calls unpriced"
     if stats.bad_values:
         extra += ", values ignored: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.bad_values.items()))
     w.write(

@@ -77,6 +77,7 @@ class DetectorStage:
         self.det = detector
         self.key_of = key_of  # type: ignore[method-assign]
         self.tap: Any = None  # tests: called with every batch of findings
+        self.resets = 0  # stored states of another version, discarded on load
 
     def new_state(self) -> StageState:
         return StageState(self.det.new_state())
@@ -118,6 +119,7 @@ class DetectorStage:
     def load(self, raw: bytes) -> StageState:
         d = orjson.loads(raw)
         if d.get("v") != STAGE_STATE_VERSION:
+            self.resets += 1
             return self.new_state()
         return StageState(self.det.load(d["s"]), Ledger.load(d.get("b")))
 
@@ -147,6 +149,7 @@ class ScopeStage:
         }
         self.schemas = {"route": retry.ROUTE_SCHEMA, "tenant": cost.TENANT_SCHEMA}
         self.tap: Any = None  # tests: called with every batch of findings
+        self.resets = 0  # stored states of another version, discarded on load
 
     def key_of(self, span: Span) -> str | None:  # noqa: ARG002
         return None
@@ -191,6 +194,7 @@ class ScopeStage:
     def load(self, raw: bytes) -> ScopeState:
         d = orjson.loads(raw)
         if d.get("v") != STAGE_STATE_VERSION or d.get("k") not in self.cores:
+            self.resets += 1
             return self.new_state()
         det = self.cores[d["k"]].load(d["s"]) if d.get("s") is not None else None
         return ScopeState(d["k"], det, Ledger.load(d.get("b")))

@@ -174,3 +174,61 @@ def test_table_store_drains_least_recent_states_beyond_its_bound():
     assert store.drain(0, keep=2) == 4  # s1..s4: the least recently changed, never s0 (this batch)
     assert sorted(table) == [b"s1", b"s2", b"s3", b"s4"] and list(store.dirty[0]) == [b"s5", b"s0"]
     assert store.drain(0, keep=2) == 0
+
+
+def test_unpriced_model_calls_are_counted_in_replay_and_live():
+    import asyncio
+    import io
+
+    from streams import metrics
+    from streams.app import KeyedStage
+    from streams.replay import report, run
+    from tests.stagedrive import Event
+
+    line = orjson.dumps({"trace_id": "a" * 32, "span_id": "b" * 16, "name": "chat", "start_time_unix_nano": S,
+                         "end_time_unix_nano": 2 * S,
+                         "attributes": {"gen_ai.conversation.id": "s1", "gen_ai.operation.name": "chat",
+                                        "gen_ai.request.model": "no-such-model-anywhere",
+                                        "gen_ai.usage.input_tokens": 100}})
+    stats = run([io.BytesIO(line)], io.BytesIO())
+    err = io.BytesIO()
+    report(stats, err)
+    assert stats.unpriced == 1 and b"1 model calls unpriced" in err.getvalue()
+
+    async def publish(outs):
+        return []
+
+    ks = KeyedStage(None, build_stages(Policy())[0], None, {}, 1, 5 * S, 1800 * S, publish)
+    ks.needs_scan = False
+    (span,) = decode_flat(line)
+    before = metrics.UNPRICED_SPANS._value.get()
+    msg = orjson.dumps({"keyed": {"s1": [["agent.spans/0", 1, [span.to_wire()]]]}})
+    asyncio.run(ks.process([Event(0, msg)]))
+    assert metrics.UNPRICED_SPANS._value.get() - before == 1
+
+
+def decode_flat(raw: bytes):
+    from streams.ingest import decode
+
+    return decode(raw).spans
+
+
+def test_a_stored_state_of_another_version_is_counted_when_discarded():
+    import asyncio
+
+    from streams import metrics
+    from streams.app import KeyedStage
+    from tests.stagedrive import Event
+
+    async def publish(outs):
+        return []
+
+    table = {b"s1": b'{"v": 1, "last_seen_ns": 5}'}  # written by an older worker
+    ks = KeyedStage(None, build_stages(Policy())[0], None, table, 1, 5 * S, 1800 * S, publish)
+    resets = metrics.STATE_RESETS.labels(stage="session")
+    before = resets._value.get()
+    ks.scan()  # a rebalance reads every stored state: not counted yet
+    assert resets._value.get() == before
+    msg = orjson.dumps({"keyed": {"s1": [["agent.spans/0", 1, [span(1, tool="ls").to_wire()]]]}})
+    asyncio.run(ks.process([Event(0, msg)]))
+    assert resets._value.get() - before == 1
