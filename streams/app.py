@@ -566,8 +566,8 @@ class TableStore:
         states, write the least recently changed ones that no step of the current batch touched,
         so the commit's :meth:`flush` never has more than about ``keep`` per partition to write
         (no stop-the-world flush of thousands of states), while a key changed again and again
-        between two commits is still written once. Called in the partition's event context;
-        returns the writes."""
+        between two commits is still written once. The written (coldest) states leave the cache:
+        the table has them. Called in the partition's event context; returns the writes."""
         d = self.dirty.get(part)
         if not d or len(d) <= keep:
             return 0
@@ -578,11 +578,14 @@ class TableStore:
             if gen >= now or len(done) >= budget:
                 break
             done.append(key)
+        hw = self.hw
         for key in done:
             del d[key]
             st = cache.get(key)
             if st is not None and key not in held:
                 table[key] = encode(key, st)
+                del cache[key]  # the coldest keys: reloaded from the table if they come back
+                hw.pop(key, None)
         return len(done)
 
     def flush(self) -> int:

@@ -30,7 +30,7 @@ CORE_METHODS = ("new_state", "step", "expired", "dump", "load")
 
 
 def discovered_cores() -> set[type]:
-    """Every class in streams.detectors.* that has a core's shape."""
+    """Every public class in streams.detectors.* that has a core's shape."""
     found = set()
     for info in pkgutil.iter_modules(streams.detectors.__path__):
         mod = importlib.import_module(f"streams.detectors.{info.name}")
@@ -39,6 +39,19 @@ def discovered_cores() -> set[type]:
                     and all(callable(getattr(cls, m, None)) for m in CORE_METHODS) and getattr(cls, "name", None):
                 found.add(cls)
     return found
+
+
+def test_every_core_derives_from_core():
+    from streams.detectors.base import Core
+
+    for cls in discovered_cores():
+        if cls.__name__ in NOT_FINDING_CORES:
+            continue
+        assert issubclass(cls, Core), cls
+        det = cls()
+        st = det.new_state()
+        assert isinstance(st, cls.State) and hasattr(cls.State, "__slots__"), cls  # a typed, slotted state
+        assert det.load(det.dump(st)) == st
 
 
 # core-shaped classes that emit no findings, with where they are tested instead

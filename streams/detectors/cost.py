@@ -53,7 +53,7 @@ from typing import Any, Iterable
 from river import stats
 
 from streams import semconv
-from streams.detectors.base import Finding
+from streams.detectors.base import Core, Finding
 from streams.detectors.window import S, Schema, Sliding, canonical_sample
 from streams.models import Span
 from streams.pricing import PriceTable, span_cost
@@ -355,7 +355,7 @@ class SessionCostState:
     budget_ep: dict[str, Any] | None = None
 
 
-class SessionCostVelocity:
+class SessionCostVelocity(Core[SessionCostState]):
     """The session-keyed core (feed it ``aggregate(...)["sessions"][session]``); see the module doc.
 
     >>> det = SessionCostVelocity()
@@ -364,6 +364,7 @@ class SessionCostVelocity:
     """
 
     name = NAME
+    State = SessionCostState
     scope = "session"
 
     def __init__(self, params: CostParams | None = None) -> None:
@@ -561,7 +562,7 @@ class TenantCostState:
     episode: dict[str, Any] | None = None
 
 
-class TenantCostVelocity:
+class TenantCostVelocity(Core[TenantCostState]):
     """The tenant-keyed core (feed it ``aggregate(...)["tenants"][tenant]``); see the module doc.
 
     >>> from tests.spans import span
@@ -575,6 +576,7 @@ class TenantCostVelocity:
     """
 
     name = NAME
+    State = TenantCostState
     scope = "tenant"
 
     def __init__(self, params: CostParams | None = None) -> None:

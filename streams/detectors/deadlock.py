@@ -69,7 +69,7 @@ from typing import Any
 import orjson
 
 from streams import semconv
-from streams.detectors.base import Finding
+from streams.detectors.base import Core, Finding
 from streams.models import Span
 
 NAME = "plan_deadlock"
@@ -277,7 +277,7 @@ def _short(s: str, n: int = 40) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-class PlanDeadlock:
+class PlanDeadlock(Core[DeadlockState]):
     """The plan-deadlock detector core; see the module docstring for the rules.
 
     ``visits`` counts the nodes the incremental cycle search touched (a cost metric for tests).
@@ -296,6 +296,7 @@ class PlanDeadlock:
     """
 
     name = NAME
+    State = DeadlockState
     scope = "workflow"
 
     def __init__(self, params: DeadlockParams | None = None) -> None:

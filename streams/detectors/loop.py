@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streams import semconv
-from streams.detectors.base import Finding
+from streams.detectors.base import Core, Finding
 from streams.models import Span
 
 NAME = "no_progress_loop"
@@ -118,7 +118,7 @@ def _fp_public(key: str) -> dict[str, str | None]:
     return {"tool": tool, "args_hash": h or None}
 
 
-class NoProgressLoop:
+class NoProgressLoop(Core[LoopState]):
     """The loop detector core; see the module docstring for the rules.
 
     >>> NoProgressLoop().name, NoProgressLoop().scope
@@ -127,25 +127,13 @@ class NoProgressLoop:
 
     name = NAME
     scope = "session"
+    State = LoopState
 
     def __init__(self, params: LoopParams | None = None) -> None:
         self.p = params or LoopParams()
         self._window_ns = int(self.p.window_s * 1e9)
-        self._ttl_ns = int(self.p.session_ttl_s * 1e9)
+        self.ttl_ns = self._ttl_ns = int(self.p.session_ttl_s * 1e9)
         self._seq_cap = self.p.cycle_max * self.p.cycle_repeats
-
-    # -- state plumbing
-    def new_state(self) -> LoopState:
-        return LoopState()
-
-    def dump(self, state: LoopState) -> dict[str, Any]:
-        return {k: getattr(state, k) for k in LoopState.__slots__}
-
-    def load(self, data: dict[str, Any]) -> LoopState:
-        return LoopState(**{k: data[k] for k in LoopState.__slots__ if k in data})
-
-    def expired(self, state: LoopState, watermark_ns: int) -> bool:
-        return state.last_seen_ns + self._ttl_ns < watermark_ns
 
     # -- the core
     def step(self, state: LoopState, span: Span, now_ns: int) -> tuple[LoopState, list[Finding]]:

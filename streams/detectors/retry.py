@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from streams import semconv
-from streams.detectors.base import Finding
+from streams.detectors.base import Core, Finding
 from streams.detectors.window import OVERFLOW, S, Schema, Sliding, canonical_sample, cap_map
 from streams.models import Span
 
@@ -532,8 +532,9 @@ class StormState:
     ring: list[list[Any]] = field(default_factory=list)  # sessions: the latest retries, see SessionRetryStorm
 
 
-class _StormCore:
+class _StormCore(Core[StormState]):
     name = NAME
+    State = StormState
     scope = "route"
     schema = ROUTE_SCHEMA
     severity = "critical"

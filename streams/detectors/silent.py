@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streams import semconv
-from streams.detectors.base import Finding
+from streams.detectors.base import Core, Finding
 from streams.models import Span
 
 NAME = "silent_success"
@@ -182,7 +182,7 @@ def extract(span: Span) -> list[Any]:
             _fp_key(span) if relevant else None, approval, root]
 
 
-class SilentSuccess:
+class SilentSuccess(Core[SilentState]):
     """The silent-success detector core; see the module docstring for the rules.
 
     >>> det = SilentSuccess()
@@ -199,6 +199,7 @@ class SilentSuccess:
     """
 
     name = NAME
+    State = SilentState
     scope = "trace"
 
     def __init__(self, params: SilentParams | None = None) -> None:
