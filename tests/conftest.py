@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 
 import pytest
@@ -42,6 +43,36 @@ BROKER_KINDS, EXISTING_KAFKA = _broker_choice()
 def pytest_configure(config):
     config.addinivalue_line("markers", "kafka: runs on real Apache Kafka (the kafka variant of a broker test)")
     config.addinivalue_line("markers", "tansu(reason): exists because of a Tansu quirk; not run on Kafka")
+
+
+_TIER_SECONDS: dict[str, float] = {}
+_TIER_COUNT: dict[str, int] = {}
+
+
+def _tier(item) -> str:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("broker") == "kafka" or item.get_closest_marker("kafka"):
+        return "kafka"
+    if params.get("broker") == "tansu" or item.get_closest_marker("broker"):
+        return "tansu"
+    return "no broker"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # noqa: ARG001
+    """Time each test (setup, call, teardown) by tier, for the summary below."""
+    t0 = time.monotonic()
+    yield
+    tier = _tier(item)
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + time.monotonic() - t0
+    _TIER_COUNT[tier] = _TIER_COUNT.get(tier, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long each tier took: tests without a broker, on the embedded broker, on real Kafka."""
+    if _TIER_SECONDS:
+        parts = [f"{tier}: {_TIER_COUNT[tier]} tests, {secs:.0f} s" for tier, secs in sorted(_TIER_SECONDS.items())]
+        terminalreporter.write_line("time by tier — " + "; ".join(parts))
 
 
 @pytest.hookimpl(tryfirst=True)
