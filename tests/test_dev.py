@@ -92,6 +92,7 @@ def test_readme_demo_line_tells_the_whole_story_and_stops_everything():
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.readline(), b"")), daemon=True)
     reader.start()
     console_counts: dict = {}
+    scraped = ""
     try:
         # while the demo runs, its live console (printed at start) shows incidents from every detector
         deadline = time.monotonic() + 150
@@ -102,6 +103,13 @@ def test_readme_demo_line_tells_the_whole_story_and_stops_everything():
                     with urllib.request.urlopen(m.group(1).decode() + "api/state", timeout=2) as r:
                         console_counts = json.loads(r.read())["counts"]
                 except (OSError, ValueError, KeyError):
+                    pass
+            mm = re.search(rb"(http://127\.0\.0\.1:\d+/metrics)", b"".join(chunks))
+            if mm and all(console_counts.get(d, {}).get("incidents") for d in DETECTORS):
+                try:  # the worker's metrics once the story has been told: every panel has data
+                    with urllib.request.urlopen(mm.group(1).decode(), timeout=2) as r:
+                        scraped = r.read().decode()
+                except OSError:
                     pass
             time.sleep(2)
         if proc.poll() is None:
@@ -149,5 +157,12 @@ def test_readme_demo_line_tells_the_whole_story_and_stops_everything():
         assert all(_gone(p) for p in pids), "the demo left a process running"
         assert "stopped." in text
         assert time.monotonic() - t0 < 130, "the demo took far longer than its --duration"
+        # every series the Grafana dashboard graphs has data in the demo's worker
+        assert scraped, "the demo's metrics endpoint was never read"
+        have = {line.split("{")[0].split(" ")[0] for line in scraped.splitlines() if line and line[0] != "#"}
+        dash = (ROOT / "deploy" / "grafana" / "dashboard.json").read_text()
+        graphed = set(re.findall(r"\bbreakwater_[a-z0-9_]+", dash))
+        assert graphed and not sorted(graphed - have), ("dashboard series without data in the demo",
+                                                          sorted(graphed - have))
     finally:
         _stop(proc, [int(p) for p in re.findall(rb"pid (\d+)", out)])
