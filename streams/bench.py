@@ -6,11 +6,15 @@
   key of each kind of state (session, pending trace, route, tenant);
 * live, through a broker with one worker subprocess: end-to-end spans/s next to a raw aiokafka
   consume + ``orjson.loads`` of the same topic on the same broker (:func:`bench_e2e`), and
-  detection latency (span sent → incident readable) at a fixed offered load (:func:`bench_latency`).
+  detection latency (span sent → incident readable) at a fixed offered load (:func:`bench_latency`),
+  and span → gateway deny: an agent instrumented with the OpenTelemetry SDK loops on one tool call
+  until the LiteLLM hook denies its next call, over repeated trials at a stated background load
+  (:func:`bench_deny`).
   The broker is :class:`LiveBroker`: the embedded Tansu broker (default), Apache Kafka started by
   ``deploy/kafka.sh``, or an existing Kafka cluster (``breakwater bench --broker``).
 
-``breakwater bench`` prints it all as markdown tables headed by the command that made them.
+``breakwater bench`` prints it all as markdown tables headed by the command that made them and by
+issue 11's goals next to this run's figures (:func:`goals_table`: goal / measured / met?).
 
 Absolute figures depend on the machine; the ratios are what to compare between runs. A ratio is
 always taken against a ceiling measured in the same run on the same broker.
@@ -18,6 +22,7 @@ always taken against a ceiling measured in the same run on the same broker.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import os
@@ -203,6 +208,7 @@ class LiveBroker:
         self._run_dir: str | None = None
         self.version: str | None = None
         self.startup_seconds: float | None = None
+        self._entered = 0
 
     @property
     def owned(self) -> bool:
@@ -301,8 +307,9 @@ class LiveBroker:
             except (OSError, ValueError, IndexError):
                 pid = None
             try:
-                subprocess.run(["bash", str(_kafka_script()), "stop", "--run-dir", run, "--timeout", "30"],  # noqa: S603
-                               capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+                subprocess.run(  # noqa: S603
+                    ["bash", str(_kafka_script()), "stop", "--run-dir", run, "--timeout", "30"],
+                    capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
             except (OSError, subprocess.TimeoutExpired):
                 pass
             if pid is not None and _alive(pid) and f"{run}/server.properties" in (_proc_cmdline(pid) or []):
@@ -312,11 +319,15 @@ class LiveBroker:
             self._bootstrap = None
 
     def __enter__(self) -> LiveBroker:
-        self.start()
+        if self._entered == 0:
+            self.start()
+        self._entered += 1  # nested ``with`` blocks share one start and one stop (the outermost)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._entered -= 1
+        if self._entered == 0:
+            self.stop()
 
     def __repr__(self) -> str:
         return f"<LiveBroker {self.spec} {self._bootstrap or 'not started'}>"
@@ -330,14 +341,18 @@ def _recent(traffic: list[dict]) -> list[dict]:
     its wall clock (``max_clock_skew_s`` / ``max_span_age_s``)."""
     if not traffic:
         return traffic
-    shift = time.time_ns() - 60 * 10**9 - max(s["end_time_unix_nano"] for s in traffic)
-    for s in traffic:
-        s["start_time_unix_nano"] += shift
-        s["end_time_unix_nano"] += shift
+    return _shift(traffic, time.time_ns() - 60 * 10**9 - max(s["end_time_unix_nano"] for s in traffic))
+
+
+def _shift(spans: list[dict], ns: int) -> list[dict]:
+    """Move flat spans (and their events) ``ns`` later in event time, in place."""
+    for s in spans:
+        s["start_time_unix_nano"] += ns
+        s["end_time_unix_nano"] += ns
         for e in s.get("events") or ():
             if "time_unix_nano" in e:
-                e["time_unix_nano"] += shift
-    return traffic
+                e["time_unix_nano"] += ns
+    return spans
 
 
 def _traffic(n_spans: int, seed: int, start_ns: int, **kw: float) -> list[dict]:
@@ -648,23 +663,40 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))] if xs else float("nan")
 
 
-async def _paced(settings, rate: float, duration_s: float, per_message: int, loops_per_s: float,  # noqa: ANN001
-                 storms_per_s: float, seed: int, drain_s: float) -> dict:
+async def _keep_pace(futs: list, n: int, rate: float, t0: float, stop: Any = None) -> None:
+    """After a send of a paced producer: await the acks every 50 messages (``futs`` is emptied), then
+    sleep until ``n`` spans are due at ``rate`` spans/s from ``t0`` (or until ``stop``, an asyncio.Event)."""
     import asyncio
 
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    if len(futs) >= 50:
+        await asyncio.gather(*futs)
+        futs.clear()
+    ahead = n / rate - (time.perf_counter() - t0)
+    if ahead <= 0:
+        return
+    if stop is None:
+        await asyncio.sleep(ahead)
+    else:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), ahead)
+
+
+async def _watch_incidents(settings, got: dict[tuple[str, str], float], *,  # noqa: ANN001, ANN202
+                           from_end: bool = False):
+    """Read ``agent.incidents`` in a task, recording (detector, session) → ``perf_counter`` when first
+    read; from the beginning of the topic, or from its end. Returns (consumer, task): cancel the task,
+    then stop the consumer."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from streams.settings import kafka_client_kwargs
-    start_ns = time.time_ns() + 2 * 10**9
-    spans = _traffic(int(rate * duration_s) + per_message, seed, start_ns, mean_gap_s=0.034, time_scale=0.1)
-    sent: dict[tuple[str, str], float] = {}  # (detector, session) -> perf_counter at send of the trigger
-    got: dict[tuple[str, str], float] = {}
 
     c = AIOKafkaConsumer(**kafka_client_kwargs(settings, enable_auto_commit=False, fetch_max_wait_ms=20))
     await c.start()
     tps = [TopicPartition(settings.topic_incidents, p) for p in range(settings.partitions)]
     c.assign(tps)
-    await c.seek_to_beginning(*tps)
+    await (c.seek_to_end(*tps) if from_end else c.seek_to_beginning(*tps))
 
     async def read() -> None:
         while True:
@@ -675,7 +707,21 @@ async def _paced(settings, rate: float, duration_s: float, per_message: int, loo
                     inc = orjson.loads(m.value)
                     got.setdefault((inc["detector"], inc.get("session_id") or ""), now)
 
-    reader = asyncio.create_task(read())
+    return c, asyncio.create_task(read())
+
+
+async def _paced(settings, rate: float, duration_s: float, per_message: int, loops_per_s: float,  # noqa: ANN001
+                 storms_per_s: float, seed: int, drain_s: float) -> dict:
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from streams.settings import kafka_client_kwargs
+    start_ns = time.time_ns() + 2 * 10**9
+    spans = _traffic(int(rate * duration_s) + per_message, seed, start_ns, mean_gap_s=0.034, time_scale=0.1)
+    sent: dict[tuple[str, str], float] = {}  # (detector, session) -> perf_counter at send of the trigger
+    got: dict[tuple[str, str], float] = {}
+    c, reader = await _watch_incidents(settings, got)
     prod = AIOKafkaProducer(**kafka_client_kwargs(settings, acks=1, linger_ms=1, max_request_size=4 << 20))
     await prod.start()
     try:
@@ -718,12 +764,7 @@ async def _paced(settings, rate: float, duration_s: float, per_message: int, loo
             for trig in triggers:
                 sent[trig] = t_send
             n_sent += len(batch)
-            if len(futs) >= 50:
-                await asyncio.gather(*futs)
-                futs = []
-            ahead = n_sent / rate - (time.perf_counter() - t0)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+            await _keep_pace(futs, n_sent, rate, t0)
         await asyncio.gather(*futs)
         wall = time.perf_counter() - t0
         deadline = time.perf_counter() + drain_s
@@ -742,6 +783,40 @@ async def _paced(settings, rate: float, duration_s: float, per_message: int, loo
             "latencies": lat, "missed": sorted(t[1] for t in set(sent) - set(got))}
 
 
+@contextlib.contextmanager
+def _one_worker(bootstrap: str | None, partitions: int, worker_env: dict[str, str] | None = None, *,
+                tag: str | None = None):  # noqa: ANN202
+    """The bench's topics (``bench-…-{tag}``, a random tag by default) and one started worker on them;
+    the embedded broker too unless ``bootstrap``. Yields (settings, worker); stops the worker, then
+    a broker started here, by their pids, whatever happens. A failure carries the worker's log."""
+    import asyncio
+    import uuid
+
+    from streams.app import ensure_topics
+    from streams.broker import EmbeddedBroker
+    from streams.dev import WorkerProcess
+
+    broker = worker = None
+    if bootstrap is None:
+        broker = EmbeddedBroker()
+        bootstrap = broker.start()
+    try:
+        settings = _live_settings(bootstrap, tag or uuid.uuid4().hex[:8], partitions)
+        asyncio.run(ensure_topics(settings))
+        with tempfile.TemporaryDirectory(prefix="breakwater-bench-") as d:
+            worker = WorkerProcess(bootstrap, app_id=settings.app_id, data_dir=d,
+                                   extra_env={**_worker_env(settings), **(worker_env or {})})
+            with _log_on_error(worker):
+                worker.start()
+                yield settings, worker
+            worker.stop()
+    finally:
+        if worker is not None:
+            worker.stop()
+        if broker is not None:
+            broker.stop()
+
+
 def bench_latency(rate: float = 5000.0, duration_s: float = 20.0, *, per_message: int = 50,
                   loops_per_s: float = 5.0, storms_per_s: float = 1.0, partitions: int = 4,
                   bootstrap: str | None = None, seed: int = 13, drain_s: float = 15.0,
@@ -756,38 +831,15 @@ def bench_latency(rate: float = 5000.0, duration_s: float = 20.0, *, per_message
     message that carries the triggering span to the incident read back from the topic.
     """
     import asyncio
-    import uuid
 
-    from streams.app import ensure_topics
-    from streams.broker import EmbeddedBroker
-    from streams.dev import WorkerProcess
-
-    broker = worker = None
-    if bootstrap is None:
-        broker = EmbeddedBroker()
-        bootstrap = broker.start()
-    try:
-        settings = _live_settings(bootstrap, uuid.uuid4().hex[:8], partitions)
-        asyncio.run(ensure_topics(settings))
-        with tempfile.TemporaryDirectory(prefix="breakwater-bench-") as d:
-            worker = WorkerProcess(bootstrap, app_id=settings.app_id, data_dir=d,
-                                   extra_env={**_worker_env(settings), **(worker_env or {})})
-            with _log_on_error(worker):
-                worker.start()
-                cpu0, t_cpu0 = _cpu_s(worker.proc.pid), time.perf_counter()
-                r = asyncio.run(_paced(settings, rate, duration_s, per_message, loops_per_s, storms_per_s,
-                                       seed, drain_s))
-                r["worker_cpu_share"] = (_cpu_s(worker.proc.pid) - cpu0) / (time.perf_counter() - t_cpu0)
-                try:
-                    m = scrape(worker.metrics_port)
-                except OSError:
-                    m = {}
-            worker.stop()
-    finally:
-        if worker is not None:
-            worker.stop()
-        if broker is not None:
-            broker.stop()
+    with _one_worker(bootstrap, partitions, worker_env) as (settings, worker):
+        cpu0, t_cpu0 = _cpu_s(worker.proc.pid), time.perf_counter()
+        r = asyncio.run(_paced(settings, rate, duration_s, per_message, loops_per_s, storms_per_s, seed, drain_s))
+        r["worker_cpu_share"] = (_cpu_s(worker.proc.pid) - cpu0) / (time.perf_counter() - t_cpu0)
+        try:
+            m = scrape(worker.metrics_port)
+        except OSError:
+            m = {}
     lats = r.pop("latencies")
     all_lat = [x for v in lats.values() for x in v]
     r["by_detector_p50_ms"] = {d: _pct(v, 0.5) * 1000 for d, v in lats.items()}
@@ -797,6 +849,219 @@ def bench_latency(rate: float = 5000.0, duration_s: float = 20.0, *, per_message
              max_ms=max(all_lat) * 1000 if all_lat else float("nan"),
              spans_in=_spans_in(m))
     return r
+
+
+def _shift_to_now(batch: list[dict]) -> list[dict]:
+    """Move a batch of simulated spans so its last one ends now (a live worker keeps event time
+    near its wall clock); durations and order inside the batch are kept."""
+    return _shift(batch, time.time_ns() - max(s["end_time_unix_nano"] for s in batch))
+
+
+async def _background(settings, load: float, per_message: int, seed: int, stop: Any) -> dict:  # noqa: ANN001
+    """Paced mixed traffic on ``agent.spans`` at ``load`` spans/s until ``stop`` (an asyncio.Event)."""
+    import asyncio
+    import itertools
+
+    from aiokafka import AIOKafkaProducer
+
+    from streams import simulate
+    from streams.settings import kafka_client_kwargs
+
+    gen = simulate.generate(seed, 10**7, time.time_ns(), loops=0, mean_gap_s=0.034, time_scale=0.1)
+    prod = AIOKafkaProducer(**kafka_client_kwargs(settings, acks=1, linger_ms=1, max_request_size=4 << 20))
+    await prod.start()
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        futs = []
+        while load > 0 and not stop.is_set():
+            batch = list(itertools.islice(gen, per_message))
+            futs.append(await prod.send(settings.topic_spans, orjson.dumps(_shift_to_now(batch))))
+            n += len(batch)
+            await _keep_pace(futs, n, load, t0, stop)
+        await asyncio.gather(*futs)
+    finally:
+        await prod.stop()
+    wall = time.perf_counter() - t0
+    return {"sent_spans": n, "offered_spans_per_s": n / wall if wall > 0 else 0.0}
+
+
+async def _deny_trials(settings, guard, tracer, *, trials: int, warmup: int,  # noqa: ANN001
+                       threshold: int, load: float, per_message: int, call_s: float, trial_timeout_s: float,
+                       seed: int, tag: str) -> dict:
+    import asyncio
+
+    from streams.integrations.litellm import BreakwaterDenied
+
+    incidents: dict[tuple[str, str], float] = {}  # (detector, session) -> perf_counter when read
+    c, reader = await _watch_incidents(settings, incidents, from_end=True)
+
+    async def agent(session: str) -> dict:
+        """An agent stuck on one tool call: before each call its model call goes through the LiteLLM
+        proxy hook; each tool call is an ``execute_tool`` span of the OpenTelemetry SDK."""
+        calls = 0
+        t_cross = None
+        with tracer.start_as_current_span("invoke_agent", attributes={
+            "gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": session,
+        }):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < trial_timeout_s:
+                data = {"model": "gpt-4o", "messages": [{"role": "user", "content": "where is order 42?"}],
+                        "metadata": {"session_id": session, "tenant": "bench"}}
+                try:
+                    await guard.async_pre_call_hook(None, None, data, "acompletion")
+                except BreakwaterDenied as exc:
+                    t_deny = time.perf_counter()
+                    return {"session": session, "calls": calls, "t_cross": t_cross, "t_deny": t_deny,
+                            "action": exc.decision.action, "reason": exc.decision.reason}
+                with tracer.start_as_current_span("execute_tool search", attributes={
+                    "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search",
+                    "gen_ai.tool.call.arguments": '{"order": 42}', "gen_ai.conversation.id": session,
+                }):
+                    await asyncio.sleep(call_s)
+                calls += 1
+                if calls == threshold:  # this span's end is what the detector fires on
+                    t_cross = time.perf_counter()
+        return {"session": session, "calls": calls, "t_cross": t_cross, "t_deny": None}
+
+    stop = asyncio.Event()
+    bg = asyncio.create_task(_background(settings, load, per_message, seed, stop))
+    results = []
+    try:
+        await asyncio.sleep(2.0)  # the background load reaches its pace first
+        for i in range(warmup + trials):
+            r = await agent(f"bench-deny-{tag}-{i}")
+            if i >= warmup:
+                results.append(r)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # incidents still on their way (they only split the figure)
+    finally:
+        stop.set()
+        reader.cancel()
+        try:
+            background = await bg
+        finally:
+            await asyncio.gather(reader, return_exceptions=True)
+            await c.stop()
+    deny, to_incident, misses = [], [], []
+    for r in results:
+        if r["t_deny"] is None or r["t_cross"] is None:
+            misses.append(r["session"])
+            continue
+        deny.append(r["t_deny"] - r["t_cross"])
+        seen = incidents.get(("no_progress_loop", r["session"]))
+        if seen is not None:
+            to_incident.append(seen - r["t_cross"])
+    return {"deny": deny, "to_incident": to_incident, "missed": misses, **background,
+            "reasons": sorted({r.get("reason") or "" for r in results if r["t_deny"] is not None})}
+
+
+def bench_deny(trials: int = 50, *, load: float = 500.0, per_message: int = 50, partitions: int = 4,
+               bootstrap: str | None = None, worker_env: dict[str, str] | None = None, call_s: float = 0.01,
+               warmup: int = 1, trial_timeout_s: float = 20.0, seed: int = 17) -> dict:
+    """Span → gateway deny: an agent instrumented with the OpenTelemetry SDK loops on one tool call;
+    the time from the end of the call that makes ``no_progress_loop`` fire (the policy's
+    ``repeat_threshold``-th identical call) until the LiteLLM hook denies the agent's next call.
+
+    One worker runs (default policy) while a paced producer offers ``load`` spans/s of simulated mixed
+    traffic (JSON arrays of ``per_message`` spans) as background. The agent's tracer exports through
+    :class:`streams.exporter.KafkaSpanExporter` (a ``SimpleSpanProcessor``: the exporter's own linger
+    batches); before each model call it goes through
+    :meth:`streams.integrations.litellm.BreakwaterGuard.async_pre_call_hook`, the guard owning its
+    :class:`~streams.gateway.BreakerClient` as a LiteLLM proxy's does. Each tool call lasts ``call_s``,
+    so a figure includes the wait for the agent's next call (at most ``call_s``). ``trials`` agents
+    run one after another, each a new session, after ``warmup`` uncounted ones. The incident's
+    arrival on ``agent.incidents`` (read by this process) splits the figure in two.
+    """
+    import asyncio
+    import uuid
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM's bundled price map, no network
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from streams.exporter import KafkaSpanExporter
+    from streams.integrations.litellm import BreakwaterGuard
+    from streams.policy import Policy
+
+    threshold = Policy().loop_params(None).repeat_threshold
+    tag = uuid.uuid4().hex[:8]
+    with _one_worker(bootstrap, partitions, worker_env, tag=tag) as (settings, worker):
+        guard = provider = None
+        try:
+            guard = BreakwaterGuard(settings=settings, ready_timeout_s=30.0)
+            guard.enforce({"model": "gpt-4o", "metadata": {"session_id": f"bench-deny-{tag}-ready"}})
+            if not guard.client.ready:
+                raise RuntimeError("the LiteLLM guard's breaker client did not catch up in 30 s")
+            provider = TracerProvider(resource=Resource.create({"service.name": "bench-agent", "tenant.id": "bench"}))
+            provider.add_span_processor(SimpleSpanProcessor(KafkaSpanExporter(settings)))
+            tracer = provider.get_tracer("breakwater-bench")
+            cpu0, t_cpu0 = _cpu_s(worker.proc.pid), time.perf_counter()
+            r = asyncio.run(_deny_trials(settings, guard, tracer, trials=trials, warmup=warmup, threshold=threshold,
+                                         load=load, per_message=per_message, call_s=call_s,
+                                         trial_timeout_s=trial_timeout_s, seed=seed, tag=tag))
+            r["worker_cpu_share"] = (_cpu_s(worker.proc.pid) - cpu0) / (time.perf_counter() - t_cpu0)
+        finally:
+            if provider is not None:
+                provider.shutdown()
+            if guard is not None:
+                guard.close()
+    deny, inc = r["deny"], r["to_incident"]
+    r.update(load=load, trials=trials, warmup=warmup, threshold=threshold, call_s=call_s, per_message=per_message,
+             p50_ms=_pct(deny, 0.50) * 1000,  # a trial never denied counts as late:
+             p99_ms=_pct(deny + [float("inf")] * len(r["missed"]), 0.99) * 1000,
+             max_ms=max(deny) * 1000 if deny else float("nan"),
+             incident_p50_ms=_pct(inc, 0.50) * 1000, incident_p99_ms=_pct(inc, 0.99) * 1000)
+    return r
+
+
+def deny_table(runs: Sequence[tuple[str, dict]]) -> list[str]:
+    """Markdown lines of span → gateway deny: one ``(broker label, bench_deny result)`` per broker."""
+    if not runs:
+        return []
+    x0 = runs[0][1]
+    lines = [
+        "Span → gateway deny: an agent instrumented with the OpenTelemetry SDK (`SimpleSpanProcessor` → "
+        "`KafkaSpanExporter`) repeats one tool call; from the end of its "
+        f"{_ordinal(x0['threshold'])} identical call (where `no_progress_loop` fires) until the LiteLLM proxy "
+        f"hook (`BreakwaterGuard`) denies its next model call. One worker, default policy; each tool call "
+        f"takes {x0['call_s'] * 1000:.0f} ms, so a figure includes up to that wait for the next call; "
+        "background: paced mixed traffic (JSON arrays of "
+        f"{x0['per_message']} spans); one new session per trial, after {x0['warmup']} uncounted:",
+        "",
+        "| broker | background offered spans/s | delivered | trials | deny p50 | deny p99 | max | "
+        "span → incident p50 | span → incident p99 | denied |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, x in runs:
+        lines.append(
+            f"| {label} | {x['load']:,.0f} | {x['offered_spans_per_s']:,.0f} | {x['trials']} | {_ms(x['p50_ms'])} | "
+            f"{_ms(x['p99_ms'])} | "
+            f"{_ms(x['max_ms'])} | {_ms(x['incident_p50_ms'])} | {_ms(x['incident_p99_ms'])} | "
+            f"{len(x['deny'])} of {x['trials']} |")
+    lines.append("")
+    return lines
+
+
+def deny_missing() -> str | None:
+    """Why :func:`bench_deny` cannot run here (it needs LiteLLM and the OpenTelemetry SDK), or None."""
+    import importlib.util
+
+    need = {"litellm": "litellm", "opentelemetry.sdk": "opentelemetry-sdk"}
+    missing = []
+    for mod, dist in need.items():
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(dist)
+    return f"needs {' and '.join(missing)}: pip install 'breakwater[litellm]' opentelemetry-sdk" if missing else None
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def bench_memory_keys(keys: int = 100_000) -> dict[str, dict[str, float]]:
@@ -867,6 +1132,8 @@ def bench_memory_keys(keys: int = 100_000) -> dict[str, dict[str, float]]:
 
 
 def _ms(x: float) -> str:
+    if x == float("inf"):
+        return "not in time"
     return "n/a" if x != x else f"{x:,.0f} ms"  # noqa: PLR0124 - NaN check
 
 
@@ -890,7 +1157,8 @@ def live_tables(runs: Sequence[tuple[str, dict, list[dict]]]) -> list[str]:
             f"| {label} | one worker: ingest, repartition, 4 detector stages, state writes | "
             f"{e['worker_spans_per_s']:,.0f} | {e['ratio']:.3f} |",
         ]
-    lines += ["", "The worker while it ran (state writes are written behind: a changed key once per offset commit):", ""]
+    lines += ["", "The worker while it ran (state writes are written behind: a changed key once per offset "
+              "commit):", ""]
     for label, e, _ in runs:
         lines.append(
             f"- {label}: CPU {e['worker_cpu_share']:.0%} of a core, RSS {e['worker_rss_bytes'] / 2**20:,.0f} MiB; "
@@ -916,6 +1184,72 @@ def live_tables(runs: Sequence[tuple[str, dict, list[dict]]]) -> list[str]:
     return lines
 
 
+# issue 11's goals that the bench measures (see goals_table)
+GOAL_REPLAY_RATIO = 0.25
+GOAL_E2E_RATIO = 0.12
+GOAL_LOAD = 5000.0
+GOAL_LOOP_P99_MS = 250.0
+GOAL_STORM_P99_MS = 500.0
+GOAL_SESSION_RSS_BYTES = 1024.0
+
+
+def _p99_with_misses(x: dict, detector: str, prefix: str) -> tuple[float, int, int]:
+    """p99 (ms) of one detector's latencies in a :func:`bench_latency` result, a trigger never seen
+    counting as infinitely late; and (seen, triggered)."""
+    seen = list(x["_lat"].get(detector, []))
+    missed = sum(1 for s in x.get("missed", ()) if s.startswith(prefix))
+    return _pct(seen + [float("inf")] * missed, 0.99) * 1000, len(seen), len(seen) + missed
+
+
+def goals_table(replay: dict | None, memory_keys: dict | None,
+                runs: Sequence[tuple[str, dict, list[dict]]] = ()) -> list[str]:
+    """Markdown lines: issue 11's goals next to the figures of this run (``goal / measured / met?``).
+
+    >>> print("\\n".join(goals_table({"replay_ratio": 0.3}, {"session": {"rss_bytes": 2048.0}})[2:6]))
+    | goal (issue 11) | measured | met? |
+    |---|---:|:---:|
+    | replay ≥ 0.25 × `orjson.loads` of the same file | 0.30 | yes |
+    | ≤ 1 KB (1,024 B) RSS per tracked session, all session-scoped detectors | 2,048 B | no |
+    """
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "no"
+
+    rows: list[tuple[str, str, str]] = []
+    if replay is not None:
+        v = replay["replay_ratio"]
+        rows.append((f"replay ≥ {GOAL_REPLAY_RATIO} × `orjson.loads` of the same file", f"{v:.2f}",
+                     yes(v >= GOAL_REPLAY_RATIO)))
+    if memory_keys is not None and "session" in memory_keys:
+        v = memory_keys["session"]["rss_bytes"]
+        rows.append((f"≤ 1 KB ({GOAL_SESSION_RSS_BYTES:,.0f} B) RSS per tracked session, all session-scoped "
+                     "detectors", f"{v:,.0f} B", yes(v <= GOAL_SESSION_RSS_BYTES)))
+    for label, e, lat in runs:
+        rows.append((f"end to end, one worker ≥ {GOAL_E2E_RATIO} × raw consume + decode ({label})",
+                     f"{e['ratio']:.3f}", yes(e["ratio"] >= GOAL_E2E_RATIO)))
+        at = [x for x in lat if x["rate"] == GOAL_LOAD]
+        for detector, prefix, name, goal in (("no_progress_loop", "bench-loop-", "`no_progress_loop`",
+                                              GOAL_LOOP_P99_MS),
+                                             ("retry_storm", "bench-storm-", "session retry storm",
+                                              GOAL_STORM_P99_MS)):
+            what = f"{name} p99 ≤ {goal:,.0f} ms at {GOAL_LOAD:,.0f} spans/s offered ({label})"
+            if not at:
+                rows.append((what, f"not measured (no latency run at {GOAL_LOAD:,.0f} spans/s)", "–"))
+                continue
+            p99, seen, triggered = _p99_with_misses(at[0], detector, prefix)
+            if triggered == 0:
+                rows.append((what, "not measured (none injected)", "–"))
+                continue
+            shown = _ms(p99).replace("not in time", "not seen in time")
+            if seen < triggered:
+                shown += f" ({seen} of {triggered} seen)"
+            rows.append((what, shown, yes(p99 <= goal)))
+    if not rows:
+        return []
+    return ["Against the goals of issue 11 (figures of this run; a latency goal counts a detection never "
+            "seen as late):", "", "| goal (issue 11) | measured | met? |", "|---|---:|:---:|",
+            *(f"| {g} | {m} | {ok} |" for g, m, ok in rows), ""]
+
+
 def bench_live(broker: str | LiveBroker = "tansu", *, e2e_spans: int = 100_000,
                latency_rates: tuple[float, ...] = (5000.0, 500.0), latency_s: float = 20.0,
                **latency_kw: Any) -> tuple[str, dict, list[dict]]:
@@ -933,19 +1267,33 @@ def bench_live(broker: str | LiveBroker = "tansu", *, e2e_spans: int = 100_000,
 def main(sessions: int = 2000, memory_sessions: int = 50_000, *, e2e_spans: int = 100_000,
          latency_rates: tuple[float, ...] = (5000.0, 500.0), latency_s: float = 20.0, keys: int = 100_000,
          live: bool = True, brokers: Sequence[str | LiveBroker] = ("tansu",),
-         command: str = "breakwater bench") -> str:
-    """Every measurement as markdown tables ready for the README's "## Measured".
+         deny_trials: int = 50, deny_load: float = 500.0, command: str = "breakwater bench") -> str:
+    """Every measurement as markdown tables ready for the README's "## Measured", headed by
+    issue 11's goals next to this run's figures (:func:`goals_table`).
 
     The live parts run on each of ``brokers`` in turn (:class:`LiveBroker` specs: ``tansu``,
-    ``kafka``, ``kafka://host:port``), one broker at a time."""
+    ``kafka``, ``kafka://host:port``), one broker at a time; ``deny_trials`` > 0 adds span → gateway
+    deny (:func:`bench_deny`) at ``deny_load`` spans/s of background on each."""
     chosen = [b if isinstance(b, LiveBroker) else LiveBroker(b) for b in brokers] if live else []
     r = bench_replay(sessions)
     m = bench_memory(memory_sessions)
     mk = bench_memory_keys(keys)
-    lines = [f"Made by `{command}` ({os.cpu_count()} cores; ratios compare between machines, absolute figures do not).", ""]
-    if live:
-        lines += live_tables([bench_live(b, e2e_spans=e2e_spans, latency_rates=latency_rates, latency_s=latency_s)
-                              for b in chosen])
+    runs: list[tuple[str, dict, list[dict]]] = []
+    denies: list[tuple[str, dict]] = []
+    missing = deny_missing() if chosen and deny_trials > 0 else None
+    for lb in chosen:
+        with lb:
+            runs.append(bench_live(lb, e2e_spans=e2e_spans, latency_rates=latency_rates, latency_s=latency_s))
+            if deny_trials > 0 and missing is None:
+                denies.append((lb.label, bench_deny(deny_trials, load=deny_load, bootstrap=lb.bootstrap,
+                                                    worker_env=lb.worker_env())))
+    lines = [f"Made by `{command}` ({os.cpu_count()} cores; ratios compare between machines, absolute figures "
+             "do not).", ""]
+    lines += goals_table(r, mk, runs)
+    lines += live_tables(runs)
+    lines += deny_table(denies)
+    if missing is not None:
+        lines += [f"Span → gateway deny: not measured ({missing}).", ""]
     lines += [
         f"Replay on {r['spans']:,} spans of simulated mixed traffic ({r['bytes'] / 1e6:.1f} MB OTLP JSON lines):",
         "",

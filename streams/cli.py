@@ -234,6 +234,78 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    """NEW policy against CURRENT on a time range of the input topics, or on files (README "Backtest:
+    try a policy on recorded traffic"). Never publishes, never commits offsets."""
+    import time
+
+    from streams import backtest as bt_mod
+    from streams.tail import parse_since
+
+    new, current = _policy(args.policy), _policy(args.against)
+    try:
+        policies = {"new": bt_mod.policy_info(args.policy), "current": bt_mod.policy_info(args.against)}
+    except OSError as exc:
+        raise UserError(f"backtest: {exc}") from exc
+    bt = bt_mod.Backtest(new, current)
+    t0 = time.monotonic()
+    next_at = [t0 + 5.0]
+
+    def tick() -> None:
+        if not args.no_progress and time.monotonic() >= next_at[0]:
+            next_at[0] = time.monotonic() + 5.0
+            bt_mod.progress_line(bt, t0)
+
+    if args.files:
+        if args.since or args.until:
+            raise UserError("backtest: --since/--until select Kafka offsets by time; with FILE… the whole files "
+                            "are read")
+        inputs = []
+        try:
+            for name in args.files:
+                inputs.append(sys.stdin.buffer if name == "-" else open(name, "rb"))  # noqa: SIM115
+            covered = {"files": bt_mod.run_files(bt, inputs, list(args.files), tick)}
+        except OSError as exc:
+            raise UserError(f"backtest: {exc}") from exc
+        finally:
+            for fp in inputs:
+                if fp is not sys.stdin.buffer:
+                    fp.close()
+    else:
+        if not args.since:
+            raise UserError("backtest: give --since (a time range of the input topics) or FILE…")
+        try:
+            now_ns = time.time_ns()
+            since_ns = parse_since(args.since, now_ns)
+            until_ns = parse_since(args.until, now_ns) if args.until else now_ns
+        except ValueError as exc:
+            raise UserError(f"backtest: {exc}") from exc
+        if until_ns <= since_ns:
+            raise UserError(f"backtest: --until ({args.until}) is not after --since ({args.since})")
+        settings = _settings(args)
+        _check_broker(settings)
+        try:
+            covered = _run_kafka(bt_mod.run_kafka(bt, settings, since_ns // 1_000_000, until_ns // 1_000_000,
+                                                  tick=tick))
+        except TimeoutError as exc:
+            raise UserError(f"backtest: {exc}") from exc
+    if not args.no_progress:
+        bt_mod.progress_line(bt, t0, final=True)
+    report = bt_mod.build_report(bt, covered, policies, examples=args.examples)
+    if args.html:
+        try:
+            with open(args.html, "w", encoding="utf-8") as fp:
+                fp.write(bt_mod.to_html(report))
+        except OSError as exc:
+            raise UserError(f"backtest: --html {args.html}: {exc.strerror}") from exc
+        print(f"backtest: wrote {args.html}", file=sys.stderr)
+    if args.json:
+        sys.stdout.buffer.write(bt_mod.to_json(report))
+    else:
+        sys.stdout.write(bt_mod.to_text(report))
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from streams.dev import run_dev
 
@@ -303,11 +375,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         argv.append("--no-live")
     else:
         argv += ["--broker", ",".join(brokers), "--e2e-spans", str(args.e2e_spans), "--latency-rate",
-                 args.latency_rate, "--latency-seconds", f"{args.latency_seconds:g}"]
+                 args.latency_rate, "--latency-seconds", f"{args.latency_seconds:g}", "--deny-trials",
+                 str(args.deny_trials), "--deny-load", f"{args.deny_load:g}"]
     print(bench_main(sessions=args.sessions, memory_sessions=args.memory_sessions, e2e_spans=args.e2e_spans,
                      latency_rates=tuple(float(x) for x in args.latency_rate.split(",") if x),
                      latency_s=args.latency_seconds, keys=args.keys, live=not args.no_live, brokers=brokers,
-                     command=" ".join(argv)))
+                     deny_trials=args.deny_trials, deny_load=args.deny_load, command=" ".join(argv)))
     return 0
 
 
@@ -369,6 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true",
                    help="do not print progress lines on stderr (printed every 5 s of a long run)")
     r.set_defaults(fn=cmd_replay)
+
+    bk = sub.add_parser("backtest", parents=common,
+                        help="try a policy on recorded traffic: NEW vs CURRENT policy on the input topics' time "
+                             "range (or files); never publishes, never commits")
+    bk.add_argument("files", nargs="*", help="files as replay reads them (- = stdin) instead of Kafka")
+    bk.add_argument("--policy", required=True, metavar="NEW.toml", help="the policy to try")
+    bk.add_argument("--against", metavar="CURRENT.toml", help="the policy in force (default: the built-in defaults)")
+    bk.add_argument("--since", metavar="T",
+                    help="Kafka: records from this time (record timestamps): RFC 3339 or a duration ago (24h, 1d)")
+    bk.add_argument("--until", metavar="T", help="Kafka: records before this time (default: now)")
+    bk.add_argument("--json", action="store_true", help="the report as JSON on stdout instead of the table")
+    bk.add_argument("--html", metavar="OUT", help="also write the report as a self-contained HTML page with a "
+                                                  "timeline per detector")
+    bk.add_argument("--examples", type=_positive_int, default=3, metavar="N",
+                    help="example incidents per kind and detector (default 3)")
+    bk.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    _broker_flag(bk)
+    bk.set_defaults(fn=cmd_backtest)
 
     w = sub.add_parser("worker", parents=common, help="run the faust worker (ingest, detect, publish)")
     w.add_argument("--policy", help="policy TOML file (else BREAKWATER_POLICY_FILE)")
@@ -462,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="broker of the live parts: tansu (embedded, default), kafka (Apache Kafka started by "
                         "deploy/kafka.sh; needs Java 17+ and Maven), kafka://host:port[,…] (an existing cluster); "
                         "comma separate several to run on each in turn")
+    b.add_argument("--deny-trials", type=int, default=50,
+                   help="trials of span → gateway deny (an OTel-instrumented agent loops until the LiteLLM hook "
+                        "denies it); 0 skips it")
+    b.add_argument("--deny-load", type=float, default=500.0,
+                   help="background spans/s offered during the span → gateway deny trials (default 500)")
     b.add_argument("--no-live", action="store_true", help="skip the broker parts (replay and memory only)")
     b.set_defaults(fn=cmd_bench)
     p.set_defaults(fn=lambda args: _usage(p))

@@ -97,3 +97,66 @@ def test_main_prints_markdown(monkeypatch):
     assert "`breakwater bench --no-live`" in out
     assert "| replay (decode + detectors + policy + output) |" in out
     assert "| pending trace |" in out
+
+
+@pytest.mark.broker
+def test_deny_bench_smoke(broker, broker_kind):
+    """Span → gateway deny at tiny sizes: the OTel-instrumented agent is denied by the LiteLLM hook
+    in every trial, for no_progress_loop, and the table row is there."""
+    lb = bench.LiveBroker(broker_kind, bootstrap=broker.bootstrap)
+    x = bench.bench_deny(3, load=100, per_message=20, partitions=2, bootstrap=lb.bootstrap,
+                         worker_env=lb.worker_env(), trial_timeout_s=30)
+    assert broker.running
+    assert len(x["deny"]) == 3 and not x["missed"], x["missed"]
+    assert x["reasons"] and all(r.startswith("no_progress_loop") for r in x["reasons"])
+    assert 0 < x["p50_ms"] <= x["p99_ms"] and x["offered_spans_per_s"] > 0 and x["threshold"] >= 2
+    md = "\n".join(bench.deny_table([(lb.label, x)]))
+    assert f"| {lb.label} | 100 |" in md and "| 3 of 3 |" in md
+
+
+def test_goals_table_marks_what_is_met():
+    e = {"ratio": 0.13}
+    at_goal = {"rate": 5000.0, "_lat": {"no_progress_loop": [0.1] * 9, "retry_storm": [0.2]},
+               "missed": ["bench-loop-9"]}  # a loop never seen counts as late
+    lines = bench.goals_table({"replay_ratio": 0.2}, {"session": {"rss_bytes": 900.0}},
+                              [("Tansu (embedded)", e, [at_goal]), ("Apache Kafka", e, [{"rate": 500.0}])])
+    rows = {ln.split(" | ")[0].lstrip("| "): ln.rsplit(" | ", 1)[1].rstrip(" |") for ln in lines if ln.startswith("| ")}
+    assert rows["replay ≥ 0.25 × `orjson.loads` of the same file"] == "no"
+    assert rows["≤ 1 KB (1,024 B) RSS per tracked session, all session-scoped detectors"] == "yes"
+    assert rows["end to end, one worker ≥ 0.12 × raw consume + decode (Tansu (embedded))"] == "yes"
+    assert rows["`no_progress_loop` p99 ≤ 250 ms at 5,000 spans/s offered (Tansu (embedded))"] == "no"
+    assert rows["session retry storm p99 ≤ 500 ms at 5,000 spans/s offered (Tansu (embedded))"] == "yes"
+    assert rows["`no_progress_loop` p99 ≤ 250 ms at 5,000 spans/s offered (Apache Kafka)"] == "–"
+    assert "(9 of 10 seen)" in "\n".join(lines)
+
+
+def test_main_heads_with_the_goals():
+    out = bench.main(sessions=20, memory_sessions=200, keys=200, live=False, command="breakwater bench --no-live")
+    assert "| goal (issue 11) | measured | met? |" in out
+    assert out.index("| goal (issue 11) |") < out.index("| replay (decode + detectors + policy + output) |")
+
+
+def test_deny_options_reach_the_bench(monkeypatch):
+    seen = {}
+
+    def fake_main(**kw):
+        seen.update(kw)
+        return "tables"
+
+    monkeypatch.setattr(bench, "main", fake_main)
+    assert cli.main(["bench", "--sessions", "5", "--deny-trials", "7", "--deny-load", "250"]) == 0
+    assert seen["deny_trials"] == 7 and seen["deny_load"] == 250.0
+    assert "--deny-trials 7 --deny-load 250" in seen["command"]
+
+
+def test_live_broker_nests():
+    """``main`` keeps a broker up across bench_live and bench_deny: nested ``with`` blocks start and stop once."""
+    lb = bench.LiveBroker("tansu")
+    calls = []
+    lb.start = lambda: calls.append("start") or "127.0.0.1:1"  # type: ignore[method-assign]
+    lb.stop = lambda: calls.append("stop")  # type: ignore[method-assign]
+    with lb:
+        with lb:
+            pass
+        assert calls == ["start"]
+    assert calls == ["start", "stop"]
