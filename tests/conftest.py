@@ -12,6 +12,7 @@ exist because of a Tansu quirk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -87,6 +88,55 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+def require_local_kafka_jars() -> None:
+    """Skip a Kafka test that needs a local broker when none can run here — or fail, in CI
+    (``BREAKWATER_TEST_REQUIRE_KAFKA=1``), where a Kafka tier that cannot run is an error."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("BREAKWATER_TEST_REQUIRE_KAFKA") == "1":
+            raise RuntimeError(f"Kafka tier required (BREAKWATER_TEST_REQUIRE_KAFKA=1) but {reason}")
+        pytest.skip(f"Kafka tier skipped: {reason}")
+
+
+@contextlib.contextmanager
+def isolated_workers(broker, tmp_path, start_timeout_s: float | None = None):
+    """Topic names and an app id of the test's own on ``broker`` (created), and a function that
+    starts workers on them; every worker started is stopped on exit, whatever happened."""
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "BREAKWATER_PARTITIONS": "2",
+        "BREAKWATER_TOPIC_SPANS": f"spans-{tag}",
+        "BREAKWATER_TOPIC_OTLP": f"otlp-{tag}",
+        "BREAKWATER_TOPIC_INCIDENTS": f"incidents-{tag}",
+        "BREAKWATER_TOPIC_BREAKER": f"breaker-{tag}",
+        "BREAKWATER_TOPIC_DLQ": f"dlq-{tag}",
+        **worker_env_for(broker),
+    }
+    settings = Settings(
+        broker=broker.url, partitions=2, app_id=f"bw-{tag}", topic_spans=env["BREAKWATER_TOPIC_SPANS"],
+        topic_otlp=env["BREAKWATER_TOPIC_OTLP"], topic_incidents=env["BREAKWATER_TOPIC_INCIDENTS"],
+        topic_breaker=env["BREAKWATER_TOPIC_BREAKER"], topic_dlq=env["BREAKWATER_TOPIC_DLQ"],
+    )
+    asyncio.run(ensure_topics(settings))
+    workers: list[WorkerProcess] = []
+
+    def start_worker(data_dir=None, extra_env=None) -> WorkerProcess:
+        w = WorkerProcess(broker.bootstrap, app_id=settings.app_id, extra_env={**env, **(extra_env or {})},
+                          data_dir=str(data_dir or tmp_path / f"w{len(workers)}"))
+        workers.append(w)
+        if start_timeout_s is None:
+            w.start()
+        else:
+            w.start(start_timeout_s)
+        return w
+
+    try:
+        yield settings, start_worker
+    finally:
+        for w in workers:
+            w.stop()
+
+
 class _BrokerPool:
     """The session's brokers, one per kind, started on first use and stopped at the end."""
 
@@ -101,11 +151,7 @@ class _BrokerPool:
             raise self.failures[kind]
         try:
             if kind == "kafka" and EXISTING_KAFKA is None:
-                reason = unavailable_reason()
-                if reason is not None:
-                    if os.environ.get("BREAKWATER_TEST_REQUIRE_KAFKA") == "1":
-                        raise RuntimeError(f"Kafka tier required (BREAKWATER_TEST_REQUIRE_KAFKA=1) but {reason}")
-                    pytest.skip(f"Kafka tier skipped: {reason}")
+                require_local_kafka_jars()
             b = EmbeddedBroker() if kind == "tansu" else KafkaBroker(existing=EXISTING_KAFKA)
             b.start()
         except BaseException as exc:  # pytest's Skipped too: remembered, never retried
@@ -150,11 +196,7 @@ def fresh_broker(request, broker_pool):
     if request.param == "kafka":
         if EXISTING_KAFKA is not None:
             pytest.skip("needs a Kafka broker of its own (it freezes it), not an existing cluster")
-        reason = unavailable_reason()
-        if reason is not None:
-            if os.environ.get("BREAKWATER_TEST_REQUIRE_KAFKA") == "1":
-                raise RuntimeError(f"Kafka tier required (BREAKWATER_TEST_REQUIRE_KAFKA=1) but {reason}")
-            pytest.skip(f"Kafka tier skipped: {reason}")
+        require_local_kafka_jars()
     b = EmbeddedBroker() if request.param == "tansu" else KafkaBroker()
     try:
         yield b
@@ -169,33 +211,5 @@ def make_settings(broker, **kw) -> Settings:
 @pytest.fixture
 def isolated(broker, tmp_path):
     """A worker with its own topic names and app id (so tests never see each other's data)."""
-    tag = uuid.uuid4().hex[:8]
-    env = {
-        "BREAKWATER_PARTITIONS": "2",
-        "BREAKWATER_TOPIC_SPANS": f"spans-{tag}",
-        "BREAKWATER_TOPIC_OTLP": f"otlp-{tag}",
-        "BREAKWATER_TOPIC_INCIDENTS": f"incidents-{tag}",
-        "BREAKWATER_TOPIC_BREAKER": f"breaker-{tag}",
-        "BREAKWATER_TOPIC_DLQ": f"dlq-{tag}",
-        **worker_env_for(broker),
-    }
-    settings = Settings(
-        broker=broker.url, partitions=2, app_id=f"bw-{tag}", topic_spans=env["BREAKWATER_TOPIC_SPANS"],
-        topic_otlp=env["BREAKWATER_TOPIC_OTLP"], topic_incidents=env["BREAKWATER_TOPIC_INCIDENTS"],
-        topic_breaker=env["BREAKWATER_TOPIC_BREAKER"], topic_dlq=env["BREAKWATER_TOPIC_DLQ"],
-    )
-    asyncio.run(ensure_topics(settings))
-    workers: list[WorkerProcess] = []
-
-    def start_worker(data_dir=None, extra_env=None) -> WorkerProcess:
-        w = WorkerProcess(broker.bootstrap, app_id=settings.app_id, extra_env={**env, **(extra_env or {})},
-                          data_dir=str(data_dir or tmp_path / f"w{len(workers)}"))
-        workers.append(w)
-        w.start()
-        return w
-
-    try:
-        yield settings, start_worker
-    finally:
-        for w in workers:
-            w.stop()
+    with isolated_workers(broker, tmp_path) as got:
+        yield got

@@ -52,33 +52,10 @@ def kafka_broker(broker_pool):
 @pytest.fixture
 def on_kafka(kafka_broker, tmp_path):
     """``isolated`` on the session's Kafka: topics and app id of the test's own, workers stopped."""
-    from streams.app import ensure_topics
-    from streams.dev import WorkerProcess
-    from streams.settings import Settings
-    from tests.kafka_broker import worker_env_for
+    from tests.conftest import isolated_workers
 
-    tag = uuid.uuid4().hex[:8]
-    env = {"BREAKWATER_PARTITIONS": "2", "BREAKWATER_TOPIC_SPANS": f"spans-{tag}", "BREAKWATER_TOPIC_OTLP": f"otlp-{tag}",
-           "BREAKWATER_TOPIC_INCIDENTS": f"incidents-{tag}", "BREAKWATER_TOPIC_BREAKER": f"breaker-{tag}",
-           "BREAKWATER_TOPIC_DLQ": f"dlq-{tag}", **worker_env_for(kafka_broker)}
-    settings = Settings(broker=kafka_broker.url, partitions=2, app_id=f"bw-{tag}", topic_spans=env["BREAKWATER_TOPIC_SPANS"],
-                        topic_otlp=env["BREAKWATER_TOPIC_OTLP"], topic_incidents=env["BREAKWATER_TOPIC_INCIDENTS"],
-                        topic_breaker=env["BREAKWATER_TOPIC_BREAKER"], topic_dlq=env["BREAKWATER_TOPIC_DLQ"])
-    asyncio.run(ensure_topics(settings))
-    workers: list[WorkerProcess] = []
-
-    def start_worker(data_dir, extra_env=None) -> WorkerProcess:
-        w = WorkerProcess(kafka_broker.bootstrap, app_id=settings.app_id, extra_env={**env, **(extra_env or {})},
-                          data_dir=str(data_dir))
-        workers.append(w)
-        w.start(90)
-        return w
-
-    try:
-        yield settings, start_worker
-    finally:
-        for w in workers:
-            w.stop()
+    with isolated_workers(kafka_broker, tmp_path, start_timeout_s=90) as got:
+        yield got
 
 
 async def read_committed(bootstrap: str, topic: str, until, timeout_s: float, quiet_s: float = 3.0) -> list:

@@ -31,7 +31,7 @@ from streams.app import ensure_topics, stage_topic, topic_specs
 from streams.dev import WorkerProcess
 from streams.settings import Settings
 from tests.kafka import collect, produce
-from tests.kafka_broker import KafkaBroker, KafkaCluster, partition_leaders, unavailable_reason, worker_env_for
+from tests.kafka_broker import KafkaBroker, KafkaCluster, partition_leaders, worker_env_for
 from tests.test_broker_restart import read_all
 from tests.test_faults import assert_no_duplicate_opens, commands, incidents, loop_rounds, loop_sessions, sigkill
 
@@ -42,17 +42,13 @@ RESTART_BOUND_S = 60.0  # broker back -> every loop completed after the restart 
 
 
 def require_local_kafka() -> None:
-    from tests.conftest import BROKER_KINDS, EXISTING_KAFKA
+    from tests.conftest import BROKER_KINDS, EXISTING_KAFKA, require_local_kafka_jars
 
     if "kafka" not in BROKER_KINDS:
         pytest.skip("Kafka only: BREAKWATER_TEST_BROKER excludes kafka")
     if EXISTING_KAFKA is not None:
         pytest.skip("kills brokers: needs Kafka nodes of its own, not an existing cluster")
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("BREAKWATER_TEST_REQUIRE_KAFKA") == "1":
-            raise RuntimeError(f"Kafka tier required (BREAKWATER_TEST_REQUIRE_KAFKA=1) but {reason}")
-        pytest.skip(f"Kafka tier skipped: {reason}")
+    require_local_kafka_jars()
 
 
 @pytest.fixture(scope="module")

@@ -120,12 +120,16 @@ def test_key_cap_evicts_least_recent_first(kind):
     assert r.evicted == 2 and len(r.store) == 3
 
 
-def test_table_store_writes_an_emitting_state_only_after_delivery():
-    policy = Policy()
-    stage = build_stages(policy)[0]
+def table_runner():
+    """The session stage over the live store, its table a dict."""
+    stage = build_stages(Policy())[0]
     table: dict = {}
     store = TableStore(stage, table)
-    r = KeyedRunner(stage, store, idle_ns=1800 * S)
+    return table, store, KeyedRunner(stage, store, idle_ns=1800 * S)
+
+
+def test_table_store_writes_an_emitting_state_only_after_delivery():
+    table, store, r = table_runner()
     outs = r.feed(0, {b"s1": [span(i, tool="search") for i in range(3)]}, 2 * S)
     assert any(o.kind == "incident" for o in outs)
     assert b"s1" not in table and b"s1" in store.held  # the records are not delivered yet
@@ -161,11 +165,7 @@ def test_event_clock_runs_on_wall_time_only_while_quiet():
 
 
 def test_table_store_drains_least_recent_states_beyond_its_bound():
-    policy = Policy()
-    stage = build_stages(policy)[0]
-    table: dict = {}
-    store = TableStore(stage, table)
-    r = KeyedRunner(stage, store, idle_ns=1800 * S)
+    table, store, r = table_runner()
     for i in range(6):
         store.batch += 1
         r.feed(0, {f"s{i}".encode(): [span(i, session=f"s{i}", tool="ls", args=str(i))]}, i * S)
