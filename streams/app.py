@@ -478,10 +478,17 @@ class TableStore:
             raw = self.table.get(key)
             if raw is None:
                 return None
-            hw, raw = split_stored(raw)
+            try:
+                hw, raw = split_stored(raw)
+                st = self.stage.load(raw)
+            except Exception as exc:  # noqa: BLE001 - an unreadable value: the key starts afresh
+                self.stage.resets += 1
+                log.warning("%s: stored state of key #%s is unreadable (%s): reset", self.stage.name,
+                            hashlib.sha256(key).hexdigest()[:12], type(exc).__name__)
+                return None
             if hw:
                 self.hw[key] = hw
-            st = self.cache[key] = self.stage.load(raw)
+            self.cache[key] = st
         return st
 
     def put(self, key: bytes, st: Any, emitted: bool = False) -> None:
@@ -641,8 +648,6 @@ class KeyedStage:
         self.clock = EventClock(lateness_ns, wall=time.time_ns)
         self.needs_scan = True
         self.forward_to: KeyedStage | None = None  # the route / tenant stage, for the session stage
-        self._forwards: dict[str, list] = {}
-        self._forward_hi = 0
         self._resets = 0
 
     @property
@@ -659,6 +664,7 @@ class KeyedStage:
 
     def reset(self) -> None:
         self.store.reset()
+        self.clock.wall_at.clear()  # a partition owned elsewhere meanwhile: no jump at its first tick
         self.needs_scan = True
 
     def flush(self) -> None:
@@ -715,22 +721,39 @@ class KeyedStage:
             token = _current_event.set(weakref.ref(evs[-1]))
             try:
                 await self.process_partition(part, evs)
+            except BaseException:
+                # the batch's records may not all be delivered: forget what it changed in memory
+                # (held and dropped keys, cached states, input offsets) and start again from the
+                # table, which holds only what was written after its records were delivered
+                self.reset()
+                raise
             finally:
                 _current_event.reset(token)
-        if self._forwards and self.forward_to is not None:
-            # route / tenant pre-aggregates of this batch: one message per scope partition
-            # ({key: aggregates}), merged downstream
-            fwd = self.forward_to
-            by_fwd_part: dict[int, dict[str, list]] = {}
-            for key, aggs in self._forwards.items():
-                by_fwd_part.setdefault(partition_for(key.encode(), fwd.n_parts), {})[key] = aggs
-            head = b'{"hi":%d,"by_key":' % self._forward_hi
-            for fpart, keyed in by_fwd_part.items():
-                for value in pack_keyed(head, keyed.items()):
-                    await fwd.topic.send(key=None, value=value, partition=fpart)
-        self._forwards = {}
         metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - t0)
         self.report_keys()
+
+    async def forward(self, outs: list, hi: int) -> list:
+        """Send the route / tenant pre-aggregates among ``outs`` to the scope stage: one message
+        per scope partition (``{key: aggregates}``, merged downstream). Returns the delivery
+        futures: the session states that made them are written only once they are delivered, so a
+        crash re-sends them rather than losing them."""
+        fwd = self.forward_to
+        by_fwd_part: dict[int, dict[str, list]] = {}
+        for o in outs:
+            if o.kind == "forward":
+                key = o.key.decode()
+                keyed = by_fwd_part.setdefault(partition_for(o.key, fwd.n_parts), {})
+                got = keyed.get(key)
+                if got is None:
+                    keyed[key] = [o.payload]
+                else:
+                    got.append(o.payload)
+        futs = []
+        head = b'{"hi":%d,"by_key":' % hi
+        for fpart, keyed in by_fwd_part.items():
+            for value in pack_keyed(head, keyed.items()):
+                futs.append(await fwd.topic.send(key=None, value=value, partition=fpart))
+        return futs
 
     def read(self, evs: list, hi: int) -> tuple[dict[bytes, list], int, bool, int]:
         """A partition's messages → ``{key: items}`` in arrival order, the highest event time, whether
@@ -807,13 +830,11 @@ class KeyedStage:
         bad0 = sum(BAD_VALUES.values())
         self.store.part = part
         outs = runner.feed(part, groups, wm)
-        if outs:
-            for o in outs:
-                if o.kind == "forward":
-                    self._forwards.setdefault(o.key.decode(), []).append(o.payload)
-                    self._forward_hi = max(self._forward_hi, hi)
         outs.extend(runner.fire(part, wm))
-        for f in (await self.publish(outs) or []) if outs else []:
+        futs = (await self.publish(outs) or []) if outs else []
+        if self.forward_to is not None:
+            futs.extend(await self.forward(outs, hi))
+        for f in futs:
             await f  # delivered, then the states that emitted them are written
         writes = self.store.settle() + self.store.drain(part, DIRTY_MAX)
         if writes:

@@ -382,6 +382,7 @@ async def run_kafka(bt: Backtest, settings: Any, since_ms: int, until_ms: int, *
                 if p.paused and len(p.buf) - p.head < 1000:
                     consumer.resume(p.tp)
                     p.paused = False
+                    p.quiet_since = time.monotonic()  # quiet counts from the resume, not the pause
             if all(q.done for q in live):
                 while heap:  # the last partitions' tails
                     _, _, _, _, p = heapq.heappop(heap)
@@ -425,7 +426,7 @@ async def run_kafka(bt: Backtest, settings: Any, since_ms: int, until_ms: int, *
             if got:
                 last_progress = now
             for p in live:
-                if p.done:
+                if p.done or p.paused:  # a paused partition is not quiet: it has more than it read
                     continue
                 pos = await consumer.position(p.tp)
                 if pos >= p.target and now - p.quiet_since >= idle_s:

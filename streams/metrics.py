@@ -126,8 +126,8 @@ OVERSIZED_STATES = Counter(
 )
 STATE_RESETS = Counter(
     "breakwater_state_resets",
-    "Stored per-key states of another state version, discarded on load (that key starts over), by "
-    "stage. Expected once after a version bump, never in a steady state.",
+    "Stored per-key states of another state version, or unreadable, discarded on load (that key "
+    "starts over), by stage. Expected once after a version bump, never in a steady state.",
     ["stage"], registry=REGISTRY,
 )
 EMPTY_MESSAGES = Counter(

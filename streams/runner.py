@@ -175,12 +175,8 @@ class KeyedRunner:
         self.evicted += 1
 
     def _put(self, key: Any, st: Any, outs: list[Output]) -> None:
-        emitted = False
-        for o in outs:
-            if o.kind != "forward":
-                emitted = True
-                break
-        self.store.put(key, st, emitted)
+        """Keep ``st``; ``emitted`` when its step made records (forwarded pre-aggregates too)."""
+        self.store.put(key, st, bool(outs))
 
     def rebuild(self, entries: Iterable[tuple[Any, Any | None]], part_of: Callable[[Any], int]) -> None:
         """After a (re)assignment: learn every stored key, its last event time and its timer
@@ -271,6 +267,7 @@ class KeyedRunner:
         stage, store, idle_of = self.stage, self.store, self.idle_of
         min_idle = self.min_idle_ns
         younger: list[tuple[Any, int]] = []  # idle, but not for their own (longer) bound
+        alive: list[tuple[Any, int]] = []  # idle, but their stage keeps them (a command in force, …)
         while idx:
             key, last = next(iter(idx.items()))
             if last + min_idle >= wm:
@@ -287,10 +284,12 @@ class KeyedRunner:
             out.extend(o)
             if stage.expired(st, wm):
                 self._drop(part, key)
-            else:  # still alive (a timer pending): keep it, at the back
+            else:  # still alive: looked at again at a later sweep, from the back of the index
                 self._put(key, st, o)
-                idx[key] = stage.last_seen(st)
+                alive.append((key, stage.last_seen(st)))
                 self._schedule(part, key, stage.next_deadline(st))
+        for key, last in alive:  # after the loop: a kept key is never looked at twice in one sweep
+            idx[key] = last
         for key, last in reversed(younger):  # back at the front, in their order
             idx[key] = last
             idx.move_to_end(key, last=False)

@@ -365,3 +365,34 @@ def test_other_bucket_widths_are_batching_independent_too(bucket_s, session_buck
     assert {b[0] for b in retry_only(run(spans, retry_params=p))} == {"route", "session"}
     for batch in (1, 13):
         assert canon(run(spans, batch=batch, retry_params=p)) == want
+
+
+def _retry_agg(times, session="s1"):
+    return aggregate([span(t, session=session, tool="search", retry__attempt=1) for t in times])["sessions"][session]
+
+
+def test_session_storm_crossing_does_not_depend_on_arrival_order():
+    det = SessionRetryStorm(RetryParams(session_min_retries=2))
+    one, fa = det.step(det.new_state(), _retry_agg([20, 30]), 0)
+    two, fb = det.step(det.new_state(), _retry_agg([30]), 0)
+    two, fc = det.step(two, _retry_agg([20]), 0)  # late: it completes the window ending at 30 s
+    assert [(f.status, f.detected_at_ns) for f in fa] == [(f.status, f.detected_at_ns) for f in fb + fc] \
+        == [("open", 30 * 10**9)]
+    assert fa[0].episode == fc[0].episode
+
+
+def test_a_future_skewed_retry_does_not_blind_the_crossing():
+    det = SessionRetryStorm(RetryParams(session_min_retries=3))
+    st, fs = det.step(det.new_state(), _retry_agg([700]), 0)  # ten minutes ahead of the others
+    for t in (10, 11):
+        st, fs = det.step(st, _retry_agg([t]), 0)
+        assert fs == []
+    st, fs = det.step(st, _retry_agg([12]), 0)
+    assert [(f.status, f.detected_at_ns) for f in fs] == [("open", 12 * 10**9)]
+
+
+def test_a_retry_inside_an_evaluated_window_is_left_to_the_window_path():
+    det = SessionRetryStorm(RetryParams(session_min_retries=2))
+    st, _ = det.step(det.new_state(), _retry_agg([10]), 200 * 10**9)  # the watermark is far past it
+    st, fs = det.step(st, _retry_agg([11]), 200 * 10**9)  # late: its window was evaluated already
+    assert all(f.detected_at_ns != 11 * 10**9 for f in fs)

@@ -134,7 +134,7 @@ def test_table_store_writes_an_emitting_state_only_after_delivery():
     assert any(o.kind == "incident" for o in outs)
     assert b"s1" not in table and b"s1" in store.held  # the records are not delivered yet
     assert store.settle() == 1 and b"s1" in table
-    r.feed(0, {b"s2": [span(1, session="s2", tool="ls")]}, 3 * S)
+    r.feed(0, {b"s2": [span(1, session="s2")]}, 3 * S)  # a span that makes no record, nor an aggregate
     assert b"s2" not in table and list(store.dirty[0]) == [b"s2"]  # written behind, at a flush
 
 
@@ -168,9 +168,9 @@ def test_table_store_drains_least_recent_states_beyond_its_bound():
     table, store, r = table_runner()
     for i in range(6):
         store.batch += 1
-        r.feed(0, {f"s{i}".encode(): [span(i, session=f"s{i}", tool="ls", args=str(i))]}, i * S)
+        r.feed(0, {f"s{i}".encode(): [span(i, session=f"s{i}", state=str(i))]}, i * S)  # no records
     store.batch += 1
-    r.feed(0, {b"s0": [span(7, session="s0", tool="ls", args="x")]}, 7 * S)  # s0 changed again, now
+    r.feed(0, {b"s0": [span(7, session="s0", state="x")]}, 7 * S)  # s0 changed again, now
     assert store.drain(0, keep=2) == 4  # s1..s4: the least recently changed, never s0 (this batch)
     assert sorted(table) == [b"s1", b"s2", b"s3", b"s4"] and list(store.dirty[0]) == [b"s5", b"s0"]
     assert store.drain(0, keep=2) == 0
@@ -232,3 +232,33 @@ def test_a_stored_state_of_another_version_is_counted_when_discarded():
     msg = orjson.dumps({"keyed": {"s1": [["agent.spans/0", 1, [span(1, tool="ls").to_wire()]]]}})
     asyncio.run(ks.process([Event(0, msg)]))
     assert resets._value.get() - before == 1
+
+
+def test_sweep_keeps_idle_keys_that_are_not_expired_and_ends():
+    """A quiet session whose halt outlives its TTL (a per-tenant breaker TTL longer than the
+    session's) is kept by its stage: the sweep looks at it once per sweep and returns."""
+    policy = Policy.from_toml('[detectors.no_progress_loop]\nbreaker_ttl_s = 3600\nsession_ttl_s = 600\n')
+    stage = build_stages(policy)[0]
+    r = runner_for(stage, policy, MemoryStore())
+    r.feed(0, {"s1": [span(i, tool="search") for i in range(3)]}, 2 * S)
+    out = r.fire(0, 2 * S + r.idle_ns + 60 * S)  # idle past the sweep's bound, the halt still in force
+    assert out == [] and r.tracked() == 1 and len(r.store) == 1
+    released = r.fire(0, 2 * S + 3600 * S + 60 * S)
+    assert [orjson.loads(o.value)["action"] for o in released if o.kind == "breaker"] == ["release"]
+    assert r.tracked() == 0
+
+
+def test_forwarded_aggregates_hold_the_session_state_until_delivered():
+    table, store, r = table_runner()
+    outs = r.feed(0, {b"s1": [span(1, op="chat", gen_ai__request__model="m", gen_ai__usage__cost=0.1)]}, S)
+    assert outs and {o.kind for o in outs} == {"forward"}  # route and tenant pre-aggregates only
+    assert b"s1" in store.held and b"s1" not in store.dirty.get(0, {})  # written once they are delivered
+
+
+def test_an_unreadable_stored_state_starts_afresh_and_is_counted():
+    table, store, r = table_runner()
+    table[b"s1"] = b"\xff not json"
+    before = store.stage.resets
+    assert store.get(b"s1") is None and store.stage.resets == before + 1
+    outs = r.feed(0, {b"s1": [span(i, tool="search") for i in range(3)]}, 2 * S)
+    assert any(o.kind == "incident" for o in outs)

@@ -85,6 +85,7 @@ MAX_SESSIONS_PER_BUCKET = 64
 MAX_TENANTS_PER_BUCKET = 32
 MAX_ROUTES_PER_BUCKET = 16
 SAMPLE = 5  # retry spans named in evidence
+RING_SLACK = 4  # a session's ring of recent retries holds session_min_retries + this many
 BUCKET_SAMPLE = 3  # earliest retry spans kept per bucket until it enters the window
 
 ROUTE_SCHEMA = Schema(
@@ -839,9 +840,9 @@ class SessionRetryStorm(_StormCore):
         A session storm opens at the retry whose window ``(t − window_s, t]`` first holds
         ``session_min_retries`` retries — at that span, not when the watermark closes its bucket
         (retries in a window only grow as data arrives: a threshold crossed is crossed). The state
-        keeps the latest ``session_min_retries`` retries of the last window (``ring``: at most that
-        many short entries, for sessions that retry at all), so the check is O(1) per retry and
-        its result depends on event times only. Window closes still report growth, renewals and
+        keeps its latest retries of the last window (``ring``: at most ``session_min_retries`` + 4
+        short entries, for sessions that retry at all), so the check is O(1) per retry and its
+        result depends on event times only. Window closes still report growth, renewals and
         the end of the episode."""
         self._slide.absorb_keyed(state, agg)
         events = agg.get("events")
@@ -852,35 +853,48 @@ class SessionRetryStorm(_StormCore):
         return state, found
 
     def _cross(self, st: StormState, events: list[list[Any]]) -> Finding | None:
+        """Insert the batch's retries into the ring (event-time order); open at the earliest
+        retry whose window now holds ``session_min_retries`` retries. A late retry also counts in
+        the windows of later retries, so those are checked again; one in a window the watermark
+        has already evaluated is left to the window path (as late buckets are)."""
         ring = st.ring
         k = self.p.session_min_retries
+        cap = k + RING_SLACK
         w_ns = self._w * S
+        floor = None if st.closed is None else (st.closed + 1) * self._u
         out = None
         for e in events:
             t = e[0]
-            if ring and t < ring[-1][0]:  # late: keep the ring in event-time order
-                i = len(ring)
-                while i and ring[i - 1][0] > t:
-                    i -= 1
-                ring.insert(i, e)
-            else:
-                ring.append(e)
-            lo = ring[-1][0] - w_ns
+            i = len(ring)
+            while i and ring[i - 1][0] > t:
+                i -= 1
+            ring.insert(i, e)
+            # no window ending at t or later holds a retry at or before t − window (earlier windows
+            # were checked when their retries came): prune relative to t, never to the newest
+            lo = t - w_ns
             drop = 0
             while drop < len(ring) and ring[drop][0] <= lo:
                 drop += 1
-            if len(ring) - drop > k:
-                drop = len(ring) - k
+            if len(ring) - drop > cap:
+                drop = len(ring) - cap
             if drop:
                 del ring[:drop]
             if st.episode is not None or out is not None:
                 continue
-            total = 0
-            for x in ring:
-                if t - w_ns < x[0] <= t:
-                    total += x[1]
-            if total >= k:
-                out = self._open_at(st, t, total)
+            start = next((j for j, x in enumerate(ring) if x is e), None)
+            if start is None:
+                continue
+            for j in range(start, len(ring)):
+                tj = ring[j][0]
+                if floor is not None and tj < floor:
+                    continue
+                total = 0
+                for x in ring:
+                    if tj - w_ns < x[0] <= tj:
+                        total += x[1]
+                if total >= k:
+                    out = self._open_at(st, tj, total)
+                    break
         return out
 
     def _open_at(self, st: StormState, t_ns: int, total: int) -> Finding:
