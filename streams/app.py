@@ -459,8 +459,8 @@ class TableStore:
         self.dirty: dict[int, dict[bytes, int]] = {}  # partition -> changed keys (least recent first) -> batch
         self.batch = 0  # batch counter: a key changed in this batch is not drained yet
         self.ctx: dict[int, Any] = {}  # partition -> an event of it: routes table writes at a flush
-        self.held: dict[bytes, None] = {}  # written at settle (their records are being delivered)
-        self.dropped: dict[bytes, None] = {}  # deleted at settle
+        self.held: dict[int, dict[bytes, None]] = {}  # partition -> keys written at settle (records in flight)
+        self.dropped: dict[int, dict[bytes, None]] = {}  # partition -> keys deleted at settle
 
     def reset(self) -> None:
         for d in (self.cache, self.hw, self.dirty, self.ctx, self.held, self.dropped):
@@ -468,12 +468,14 @@ class TableStore:
 
     def __len__(self) -> int:
         """Live keys: stored or cached, not dropped (O(keys): for tests and reports)."""
-        return len(set(self.table).union(self.cache).difference(self.dropped))
+        gone = set().union(*self.dropped.values()) if self.dropped else set()
+        return len(set(self.table).union(self.cache).difference(gone))
 
     def get(self, key: bytes) -> Any | None:
         st = self.cache.get(key)
         if st is None:
-            if key in self.dropped:
+            dropped = self.dropped.get(self.part)
+            if dropped and key in dropped:
                 return None
             raw = self.table.get(key)
             if raw is None:
@@ -493,14 +495,18 @@ class TableStore:
 
     def put(self, key: bytes, st: Any, emitted: bool = False) -> None:
         self.cache[key] = st
-        if self.dropped:
-            self.dropped.pop(key, None)
+        dropped = self.dropped.get(self.part)
+        if dropped:
+            dropped.pop(key, None)
+        held = self.held.get(self.part)
         if emitted:
-            self.held[key] = None
+            if held is None:
+                held = self.held[self.part] = {}
+            held[key] = None
             d = self.dirty.get(self.part)
             if d:
                 d.pop(key, None)
-        elif key not in self.held:
+        elif held is None or key not in held:
             d = self.dirty.get(self.part)
             if d is None:
                 d = self.dirty[self.part] = {}
@@ -511,11 +517,13 @@ class TableStore:
     def drop(self, key: bytes) -> None:
         self.cache.pop(key, None)
         self.hw.pop(key, None)
-        self.held.pop(key, None)
+        held = self.held.get(self.part)
+        if held:
+            held.pop(key, None)
         d = self.dirty.get(self.part)
         if d:
             d.pop(key, None)
-        self.dropped[key] = None
+        self.dropped.setdefault(self.part, {})[key] = None
 
     def items(self) -> Iterator[tuple[bytes, Any | None]]:
         load = self.stage.load
@@ -526,21 +534,19 @@ class TableStore:
                 st = None
             yield key, st
 
-    def settle(self) -> int:
-        """After this batch's records are delivered: write the states that emitted them, delete
-        the dropped keys (called in the partition's event context). Returns the writes."""
+    def settle(self, part: int) -> int:
+        """After this batch's records are delivered: write the partition's states that emitted
+        them, delete its dropped keys (called in the partition's event context). Returns the writes."""
         n = 0
         table = self.table
-        for key in self.held:
+        for key in self.held.pop(part, ()):
             st = self.cache.get(key)
             if st is not None:
                 table[key] = self.encode(key, st)
                 n += 1
-        self.held.clear()
-        for key in self.dropped:
+        for key in self.dropped.pop(part, ()):
             if key in table:
                 del table[key]
-        self.dropped.clear()
         return n
 
     def encode(self, key: bytes, st: Any) -> bytes:
@@ -578,7 +584,8 @@ class TableStore:
         d = self.dirty.get(part)
         if not d or len(d) <= keep:
             return 0
-        now, cache, held, table, encode = self.batch, self.cache, self.held, self.table, self.encode
+        now, cache, table, encode = self.batch, self.cache, self.table, self.encode
+        held = self.held.get(part) or ()
         budget = len(d) - keep
         done: list[bytes] = []
         for key, gen in d.items():
@@ -602,17 +609,18 @@ class TableStore:
             ev = self.ctx.get(part)
             if ev is None or not keys:
                 continue
+            held = self.held.get(part) or ()
             token = _current_event.set(weakref.ref(ev))
             try:
                 for key in keys:
                     st = self.cache.get(key)
-                    if st is not None and key not in self.held:
+                    if st is not None and key not in held:
                         table[key] = encode(key, st)
                         n += 1
             finally:
                 _current_event.reset(token)
         self.dirty.clear()
-        if len(self.cache) > self.CACHE_MAX and not self.held:
+        if len(self.cache) > self.CACHE_MAX and not any(self.held.values()):
             self.cache.clear()  # all clean now: reloaded from the table on the next use
             self.hw.clear()
         return n
@@ -714,21 +722,34 @@ class KeyedStage:
         by_part: dict[int, list] = {}
         for ev in events:
             by_part.setdefault(ev.message.partition, []).append(ev)
-        for part, evs in by_part.items():
-            # faust routes table writes (RocksDB db + changelog partition) by the "current event";
-            # a batch spans partitions, so make one of this partition current while we write.
-            self.store.ctx[part] = evs[-1]
-            token = _current_event.set(weakref.ref(evs[-1]))
-            try:
-                await self.process_partition(part, evs)
-            except BaseException:
-                # the batch's records may not all be delivered: forget what it changed in memory
-                # (held and dropped keys, cached states, input offsets) and start again from the
-                # table, which holds only what was written after its records were delivered
-                self.reset()
-                raise
-            finally:
-                _current_event.reset(token)
+        try:
+            # faust routes table reads and writes (RocksDB db + changelog partition) by the
+            # "current event"; a batch spans partitions, so make one of each current in turn
+            futs: list = []
+            for part, evs in by_part.items():
+                self.store.ctx[part] = evs[-1]
+                token = _current_event.set(weakref.ref(evs[-1]))
+                try:
+                    futs.extend(await self.process_partition(part, evs))
+                finally:
+                    _current_event.reset(token)
+            for f in futs:
+                await f  # every record of the batch delivered (one wait, not one per partition) …
+            writes = 0
+            for part, evs in by_part.items():  # … then the states that made them are written
+                token = _current_event.set(weakref.ref(evs[-1]))
+                try:
+                    writes += self.store.settle(part) + self.store.drain(part, DIRTY_MAX)
+                finally:
+                    _current_event.reset(token)
+            if writes:
+                metrics.STATE_WRITES.labels(stage=self.stage.name).inc(writes)
+        except BaseException:
+            # the batch's records may not all be delivered: forget what it changed in memory
+            # (held and dropped keys, cached states, input offsets) and start again from the
+            # table, which holds only what was written after its records were delivered
+            self.reset()
+            raise
         metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - t0)
         self.report_keys()
 
@@ -816,7 +837,8 @@ class KeyedStage:
                     got.extend(spans)
         return groups, hi, ticked, dups
 
-    async def process_partition(self, part: int, evs: list) -> None:
+    async def process_partition(self, part: int, evs: list) -> list:
+        """Step one partition's messages; send what they made. Returns the delivery futures."""
         stage, runner = self.stage, self.runner
         groups, hi, ticked, dups = self.read(evs, self.clock.high(part))
         if groups:
@@ -834,11 +856,6 @@ class KeyedStage:
         futs = (await self.publish(outs) or []) if outs else []
         if self.forward_to is not None:
             futs.extend(await self.forward(outs, hi))
-        for f in futs:
-            await f  # delivered, then the states that emitted them are written
-        writes = self.store.settle() + self.store.drain(part, DIRTY_MAX)
-        if writes:
-            metrics.STATE_WRITES.labels(stage=stage.name).inc(writes)
         if runner.new_keys != new0:
             metrics.NEW_KEYS.labels(stage=stage.name).inc(runner.new_keys - new0)
         if runner.evicted != ev0:
@@ -854,6 +871,7 @@ class KeyedStage:
             self._resets = stage.resets
         if sum(BAD_VALUES.values()) != bad0:
             _export_bad_values()
+        return futs
 
 
 async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:

@@ -36,7 +36,7 @@ class Pipeline:
     def settle(self) -> None:
         for r in self.runners:
             if isinstance(r.store, TableStore):
-                r.store.settle()
+                r.store.settle(0)
 
     def feed(self, spans: list) -> list[Output]:
         wm = self.clock.observe(0, max(s.end_ns for s in spans))
@@ -132,8 +132,8 @@ def test_table_store_writes_an_emitting_state_only_after_delivery():
     table, store, r = table_runner()
     outs = r.feed(0, {b"s1": [span(i, tool="search") for i in range(3)]}, 2 * S)
     assert any(o.kind == "incident" for o in outs)
-    assert b"s1" not in table and b"s1" in store.held  # the records are not delivered yet
-    assert store.settle() == 1 and b"s1" in table
+    assert b"s1" not in table and b"s1" in store.held[0]  # the records are not delivered yet
+    assert store.settle(0) == 1 and b"s1" in table
     r.feed(0, {b"s2": [span(1, session="s2")]}, 3 * S)  # a span that makes no record, nor an aggregate
     assert b"s2" not in table and list(store.dirty[0]) == [b"s2"]  # written behind, at a flush
 
@@ -147,7 +147,7 @@ def test_rebuild_restores_index_and_timers(kind):
     key = b"s1" if kind == "table" else "s1"
     r.feed(0, {key: [span(i, tool="search") for i in range(3)]}, 2 * S)
     if kind == "table":
-        store.settle()
+        store.settle(0)
     due = dict(r.due)
     r2 = runner_for(stage, policy, store)
     r2.rebuild(store.items(), lambda k: 0)
@@ -252,7 +252,7 @@ def test_forwarded_aggregates_hold_the_session_state_until_delivered():
     table, store, r = table_runner()
     outs = r.feed(0, {b"s1": [span(1, op="chat", gen_ai__request__model="m", gen_ai__usage__cost=0.1)]}, S)
     assert outs and {o.kind for o in outs} == {"forward"}  # route and tenant pre-aggregates only
-    assert b"s1" in store.held and b"s1" not in store.dirty.get(0, {})  # written once they are delivered
+    assert b"s1" in store.held[0] and b"s1" not in store.dirty.get(0, {})  # written once they are delivered
 
 
 def test_an_unreadable_stored_state_starts_afresh_and_is_counted():
@@ -262,3 +262,33 @@ def test_an_unreadable_stored_state_starts_afresh_and_is_counted():
     assert store.get(b"s1") is None and store.stage.resets == before + 1
     outs = r.feed(0, {b"s1": [span(i, tool="search") for i in range(3)]}, 2 * S)
     assert any(o.kind == "incident" for o in outs)
+
+
+def test_a_failed_delivery_forgets_the_batch_and_writes_nothing():
+    import asyncio
+
+    from streams.app import KeyedStage
+    from tests.stagedrive import Event
+
+    async def publish(outs):
+        if any(o.kind == "incident" for o in outs):
+            raise RuntimeError("broker gone")
+        return []
+
+    table: dict = {}
+    ks = KeyedStage(None, build_stages(Policy())[0], None, table, 1, 5 * S, 1800 * S, publish)
+    ks.needs_scan = False
+    loop = [span(i, tool="search").to_wire() for i in range(3)]
+    msg = orjson.dumps({"keyed": {"s1": [["agent.spans/0", 1, loop]]}})
+    with pytest.raises(RuntimeError):
+        asyncio.run(ks.process([Event(0, msg)]))
+    assert table == {} and not ks.store.cache and not ks.store.hw and ks.needs_scan
+    # re-delivered after the failure, the same input is applied again (nothing recorded it as done)
+    async def ok(outs):
+        return []
+
+    ks.publish = ok
+    ks.needs_scan = False
+    asyncio.run(ks.process([Event(0, msg)]))
+    ks.flush()
+    assert b"s1" in table
