@@ -14,7 +14,6 @@ Two kinds of types live here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from sys import intern
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -165,20 +164,14 @@ class Span:
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> Span:
-        """Inverse of :meth:`to_wire`. Trace, session, tenant and workflow ids are interned: the
-        spans of one session share one copy, however many of them a state keeps."""
+        """Inverse of :meth:`to_wire`."""
         s = cls(
-            intern(w[0]), w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10],
-            [SpanEvent(e[0], e[1], e[2]) for e in w[11]] if w[11] else [],
+            w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10],
+            [SpanEvent(e[0], e[1], e[2]) for e in w[11]],
         )
         if len(w) > 12:
-            f = w[12]
-            s.feat = Features(intern(f[0]), _intern(f[1]), intern(f[2]), *f[3:])
+            s.feat = Features(*w[12])
         return s
-
-
-def _intern(v: str | None) -> str | None:
-    return None if v is None else intern(v)
 
 
 WIRE_ATTRIBUTES = frozenset({"plan.steps", "plan.revision", "plan.step.id", "plan.step.depends_on",

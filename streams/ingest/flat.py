@@ -24,7 +24,6 @@ import base64
 import binascii
 import re
 from datetime import datetime, timedelta, timezone
-from sys import intern
 from typing import Any
 
 import orjson
@@ -623,4 +622,4 @@ def flat_span(d: dict[str, Any], ctx: Ctx) -> Span:
     if ctx.trunc:
         name = trunc_str(name, ctx.max_str)
         msg = trunc_str(msg, ctx.max_str)
-    return Span(intern(tid), sid, p, name, kind, st, en, status, msg, attrs, res, events)
+    return Span(tid, sid, p, name, kind, st, en, status, msg, attrs, res, events)

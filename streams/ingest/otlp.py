@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import re
-from sys import intern
 from typing import Any
 
 import orjson
@@ -396,7 +395,7 @@ def json_span(d: Any, res: dict[str, Any], ctx: Ctx) -> Span:
     events = _events_json(e, ctx) if e else []
     if ctx.trunc:
         name = trunc_str(name, ctx.max_str)
-    return Span(intern(tid), sid, p, name, kind, st, en, status, msg, attrs, res, events)
+    return Span(tid, sid, p, name, kind, st, en, status, msg, attrs, res, events)
 
 
 def _scopes(rs: dict[str, Any]) -> list[Any]:
@@ -617,7 +616,7 @@ def pb_span(sp: Any, res: dict[str, Any], ctx: Ctx) -> Span:
                 if ev.attributes else {}
             en_ = trunc_str(ev.name, ctx.max_str) if ctx.trunc else ev.name
             events.append(SpanEvent(en_, ev.time_unix_nano, ea))
-    return Span(intern(tid.hex()), sid.hex(), parent, name, KIND.get(sp.kind, "UNSPECIFIED"), st, en,
+    return Span(tid.hex(), sid.hex(), parent, name, KIND.get(sp.kind, "UNSPECIFIED"), st, en,
                 status, msg, attrs, res, events)
 
 
