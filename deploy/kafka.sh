@@ -157,7 +157,14 @@ stop_run() {  # stop the broker (and its watcher) of run dir $1; wait up to $2 s
 # ------------------------------------------------------------------------------------ start
 
 new_cluster_id() {  # 16 random bytes, base64url without padding (what `random-uuid` prints)
-  head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+  local id
+  # never one that starts with "-": the storage tool would read it as an option (Kafka's own
+  # random-uuid draws again in that case too)
+  while :; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    [[ "$id" != -* ]] && break
+  done
+  echo "$id"
 }
 
 format_storage() {  # run cluster_id: a fresh KRaft storage dir for the node of run dir $1

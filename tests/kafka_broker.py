@@ -179,6 +179,17 @@ class KafkaBroker:
         self.startup_seconds = time.monotonic() - t0
         return self._bootstrap
 
+    def kill(self) -> int:
+        """SIGKILL the JVM by its pid (a crash) and wait until it is gone; returns the old pid."""
+        pid = self._pid
+        if pid is None:
+            raise RuntimeError("the broker is not running")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pid
+
     def stop(self, timeout: float = 30.0, *, keep_data: bool = False) -> None:
         """Stop the JVM by its pid (SIGTERM, SIGKILL after ``timeout`` s). Idempotent.
 

@@ -19,8 +19,6 @@ point at an existing cluster (``BREAKWATER_TEST_BROKER=kafka://...``: these test
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 import uuid
 
@@ -128,8 +126,7 @@ def test_broker_sigkill_and_restart_mid_stream_on_durable_storage(single, tmp_pa
         sessions = [f"krestart-{tag}-{i:02d}" for i in range(20)]
         rounds, _ = loop_rounds(sessions)
         asyncio.run(produce(single.bootstrap, settings.topic_spans, rounds[0] + rounds[1]))
-        pid = single.pid
-        os.kill(pid, signal.SIGKILL)  # mid-stream: the worker is still working through those calls
+        pid = single.kill()  # mid-stream: the worker is still working through those calls
         t_down = time.monotonic()
         single.start(keep_data=True)
         t_up = time.monotonic()

@@ -72,3 +72,13 @@ def test_status_of_a_cluster_names_the_nodes_that_are_down(tmp_path: Path) -> No
     assert r.returncode == 1 and all(f"node {i}: not running" in r.stderr for i in (1, 2, 3))
     r = sh("stop", "--run-dir", str(tmp_path))
     assert r.returncode == 0 and "stopped 0 of 3 nodes" in r.stderr
+
+
+def test_a_cluster_id_never_starts_with_a_dash():
+    """The storage tool reads ``--cluster-id -…`` as a missing value (a format failed in CI once)."""
+    script = (Path(__file__).resolve().parent.parent / "deploy" / "kafka.sh").read_text()
+    fn = script[script.index("new_cluster_id() {"):]
+    fn = fn[:fn.index("\n}\n") + 3]
+    out = subprocess.run(["bash", "-c", fn + "for i in $(seq 2000); do new_cluster_id; done"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert len(out) == 2000 and all(len(x) == 22 and not x.startswith("-") for x in out)
