@@ -458,6 +458,7 @@ class TableStore:
         self.hw: dict[bytes, dict[str, int]] = {}  # key -> {input "topic/partition": highest offset}
         self.dirty: dict[int, dict[bytes, int]] = {}  # partition -> changed keys (least recent first) -> batch
         self.batch = 0  # batch counter: a key changed in this batch is not drained yet
+        self.in_flight = False  # a batch is between its steps and its deliveries
         self.ctx: dict[int, Any] = {}  # partition -> an event of it: routes table writes at a flush
         self.held: dict[int, dict[bytes, None]] = {}  # partition -> keys written at settle (records in flight)
         self.dropped: dict[int, dict[bytes, None]] = {}  # partition -> keys deleted at settle
@@ -465,6 +466,7 @@ class TableStore:
     def reset(self) -> None:
         for d in (self.cache, self.hw, self.dirty, self.ctx, self.held, self.dropped):
             d.clear()
+        self.in_flight = False
 
     def __len__(self) -> int:
         """Live keys: stored or cached, not dropped (O(keys): for tests and reports)."""
@@ -603,8 +605,13 @@ class TableStore:
         return len(done)
 
     def flush(self) -> int:
-        """Write every changed state to the table (and so to its changelog); returns the writes."""
+        """Write every changed state to the table (and so to its changelog); returns the writes.
+
+        A commit can run while a batch waits for its deliveries: the states that batch changed
+        (its forwarded pre-aggregates may not be delivered yet) stay dirty until a later flush."""
         encode, table, n = self.encode, self.table, 0
+        later: dict[int, dict[bytes, int]] = {}
+        now = self.batch if self.in_flight else None
         for part, keys in self.dirty.items():
             ev = self.ctx.get(part)
             if ev is None or not keys:
@@ -612,14 +619,17 @@ class TableStore:
             held = self.held.get(part) or ()
             token = _current_event.set(weakref.ref(ev))
             try:
-                for key in keys:
+                for key, gen in keys.items():
+                    if now is not None and gen >= now:
+                        later.setdefault(part, {})[key] = gen
+                        continue
                     st = self.cache.get(key)
                     if st is not None and key not in held:
                         table[key] = encode(key, st)
                         n += 1
             finally:
                 _current_event.reset(token)
-        self.dirty.clear()
+        self.dirty = later
         if len(self.cache) > self.CACHE_MAX and not any(self.held.values()):
             self.cache.clear()  # all clean now: reloaded from the table on the next use
             self.hw.clear()
@@ -719,6 +729,7 @@ class KeyedStage:
         if self.needs_scan:
             self.scan()
         self.store.batch += 1
+        self.store.in_flight = True
         by_part: dict[int, list] = {}
         for ev in events:
             by_part.setdefault(ev.message.partition, []).append(ev)
@@ -744,6 +755,7 @@ class KeyedStage:
                     _current_event.reset(token)
             if writes:
                 metrics.STATE_WRITES.labels(stage=self.stage.name).inc(writes)
+            self.store.in_flight = False
         except BaseException:
             # the batch's records may not all be delivered: forget what it changed in memory
             # (held and dropped keys, cached states, input offsets) and start again from the

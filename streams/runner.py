@@ -175,8 +175,15 @@ class KeyedRunner:
         self.evicted += 1
 
     def _put(self, key: Any, st: Any, outs: list[Output]) -> None:
-        """Keep ``st``; ``emitted`` when its step made records (forwarded pre-aggregates too)."""
-        self.store.put(key, st, bool(outs))
+        """Keep ``st``; ``emitted`` when its step made records to publish (an incident, a command).
+        Forwarded pre-aggregates do not hold a state: a durable store never writes a state of the
+        batch in flight before the batch's deliveries (see ``TableStore.flush``)."""
+        emitted = False
+        for o in outs:
+            if o.kind != "forward":
+                emitted = True
+                break
+        self.store.put(key, st, emitted)
 
     def rebuild(self, entries: Iterable[tuple[Any, Any | None]], part_of: Callable[[Any], int]) -> None:
         """After a (re)assignment: learn every stored key, its last event time and its timer

@@ -174,7 +174,12 @@ def test_leader_of_input_and_changelog_partitions_killed_worker_keeps_detecting(
     try:
         asyncio.run(create_led_by(settings, leader, cluster.n))
         watched = [settings.topic_spans, stage_topic(settings, "session"), f"{settings.app_id}-sessions-changelog"]
-        leaders = asyncio.run(partition_leaders(cluster.bootstrap, watched))
+        leaders: dict = {}
+        deadline = time.monotonic() + 30
+        while not leaders and time.monotonic() < deadline:  # new topics: metadata can lag creation
+            leaders = asyncio.run(partition_leaders(cluster.bootstrap, watched))
+            if not leaders:
+                time.sleep(0.5)
         assert set(leaders.values()) == {leader}, leaders
         w = start_worker(tmp_path / "w")
         pid = w.proc.pid

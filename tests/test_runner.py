@@ -248,11 +248,20 @@ def test_sweep_keeps_idle_keys_that_are_not_expired_and_ends():
     assert r.tracked() == 0
 
 
-def test_forwarded_aggregates_hold_the_session_state_until_delivered():
+def test_a_state_of_the_batch_in_flight_is_not_flushed_before_its_deliveries():
+    """A commit can flush while a batch waits for its deliveries: the session state that made
+    forwarded pre-aggregates (not delivered yet) stays dirty until the next flush."""
+    from tests.stagedrive import Event
+
     table, store, r = table_runner()
+    store.ctx[0] = Event(0, b"")  # the partition's event (routes table writes in the worker)
+    store.batch += 1
+    store.in_flight = True
     outs = r.feed(0, {b"s1": [span(1, op="chat", gen_ai__request__model="m", gen_ai__usage__cost=0.1)]}, S)
     assert outs and {o.kind for o in outs} == {"forward"}  # route and tenant pre-aggregates only
-    assert b"s1" in store.held[0] and b"s1" not in store.dirty.get(0, {})  # written once they are delivered
+    assert store.flush() == 0 and b"s1" not in table and list(store.dirty[0]) == [b"s1"]
+    store.in_flight = False  # delivered
+    assert store.flush() == 1 and b"s1" in table
 
 
 def test_an_unreadable_stored_state_starts_afresh_and_is_counted():
