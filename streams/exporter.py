@@ -504,5 +504,8 @@ class KafkaSpanExporter(SpanExporter):
             await asyncio.sleep(0.05)
         while self._buf:
             await self._send_some()
+        assert self._send_lock is not None
+        async with self._send_lock:  # a send already under way (the linger loop's) has added its futures
+            pass
         if self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
